@@ -512,15 +512,7 @@ fn unused_signals_are_logged_and_sigquit_drains() {
     });
     w.signal("-QUIT");
     assert_eq!(busy.response().status, 200, "drained, not killed");
-    let child = w.child.as_mut().expect("running");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = w.wait_exit();
     assert!(status.success(), "{status:?}\n{}", w.log_text());
 }
 

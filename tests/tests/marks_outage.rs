@@ -24,6 +24,50 @@ fn config_set(conn: &mut redis::Connection, key: &str, value: &str) {
         .expect("CONFIG SET");
 }
 
+/// A coordinator on SQLite in `dir`, with Redis at `redis_url`.
+fn coordinator_on(dir: &std::path::Path, redis_url: &str) -> common::CoordinatorThread {
+    start_coordinator(&format!(
+        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{redis_url}\"\n",
+        dir.join("c.sqlite3").display(),
+    ))
+}
+
+/// A managed worker's config: one core, the one frontend port `port`, marks
+/// flushed every 100 ms, `extra` in its `[coordinator]` section.
+fn worker_config(coord: std::net::SocketAddr, port: u16, redis_url: &str, extra: &str) -> String {
+    format!(
+        "[worker]\nauthority = \"w1\"\ncores = 1\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{port}, {port}]\n[coordinator]\nurl = \"http://{coord}\"\naccess_flush_ms = 100\n{extra}[redis]\nurl = \"{redis_url}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
+        common::free_port(),
+    )
+}
+
+/// Creates [`SESSION`]'s TCP circuit to the echo app on `echo_port` as the manager
+/// does; its ID.
+fn create_tcp_circuit(coord: std::net::SocketAddr, echo_port: u16) -> String {
+    let token = conf_token(coord, echo_port, SESSION, SESSION);
+    let (status, _, body) = http(coord, &format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=ssh&protocol=tcp HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nConnection: close\r\n\r\n"));
+    assert_eq!(status, 200, "{body}");
+    let url = serde_json::from_str::<serde_json::Value>(&body).expect("json")["redirect_url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    let setup = url.split("token=").nth(1).expect("token");
+    appproxy_shared::jwt::verify_hs256(setup.as_bytes(), "jwt").expect("jwt")["circuit"]
+        .as_str()
+        .expect("id")
+        .to_owned()
+}
+
+/// One echo on `c`, a connection to the circuit's frontend.
+fn echo_through(c: &mut TcpStream) {
+    c.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    c.write_all(b"ping").expect("write");
+    let mut got = [0u8; 4];
+    c.read_exact(&mut got).expect("echo");
+    assert_eq!(&got, b"ping");
+}
+
 #[test]
 fn marks_refused_by_a_full_redis_are_written_once_it_takes_writes() {
     let sink = common::capture_logs();
@@ -34,37 +78,17 @@ fn marks_refused_by_a_full_redis_are_written_once_it_takes_writes() {
         .expect("redis");
     let echo_port = common::tcp_echo_app();
     let dir = tempfile::tempdir().expect("tempdir");
-    let coordinator = start_coordinator(&format!(
-        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}\"\n",
-        dir.path().join("c.sqlite3").display(),
-        redis.url()
-    ));
+    let coordinator = coordinator_on(dir.path(), &redis.url());
     let coord = coordinator.addr;
     let port = common::free_port();
-    let worker = start_worker(&format!(
-        "[worker]\nauthority = \"w1\"\ncores = 1\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{port}, {port}]\n[coordinator]\nurl = \"http://{coord}\"\naccess_flush_ms = 100\n[redis]\nurl = \"{}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
-        common::free_port(),
-        redis.url()
-    ));
+    let worker = start_worker(&worker_config(coord, port, &redis.url(), ""));
     wait_logs(
         &sink,
         "subscribed to circuit events",
         1,
         Duration::from_secs(30),
     );
-    let token = conf_token(coord, echo_port, SESSION, SESSION);
-    let (status, _, body) = http(coord, &format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=ssh&protocol=tcp HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nConnection: close\r\n\r\n"));
-    assert_eq!(status, 200, "{body}");
-    let url = serde_json::from_str::<serde_json::Value>(&body).expect("json")["redirect_url"]
-        .as_str()
-        .expect("url")
-        .to_owned();
-    let setup = url.split("token=").nth(1).expect("token");
-    let circuit = appproxy_shared::jwt::verify_hs256(setup.as_bytes(), "jwt").expect("jwt")
-        ["circuit"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let circuit = create_tcp_circuit(coord, echo_port);
     let last_access_key = format!("circuit.{circuit}.last_access");
     let requests_key = format!("circuit.{circuit}.requests");
 
@@ -78,12 +102,7 @@ fn marks_refused_by_a_full_redis_are_written_once_it_takes_writes() {
     let used_at = appproxy_shared::jwt::now_epoch();
     {
         let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        c.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        c.write_all(b"ping").expect("write");
-        let mut got = [0u8; 4];
-        c.read_exact(&mut got).expect("echo");
-        assert_eq!(&got, b"ping");
+        echo_through(&mut c);
     }
     // A flush fails while Redis is full, and a few more flush periods pass.
     wait_logs(
@@ -156,21 +175,13 @@ fn a_worker_behind_the_stores_clock_marks_on_the_stores_clock() {
         .expect("redis");
     let echo_port = common::tcp_echo_app();
     let dir = tempfile::tempdir().expect("tempdir");
-    let coordinator = start_coordinator(&format!(
-        "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n[redis]\nurl = \"{}\"\n",
-        dir.path().join("c.sqlite3").display(),
-        redis.url()
-    ));
+    let coordinator = coordinator_on(dir.path(), &redis.url());
     let coord = coordinator.addr;
     let port = common::free_port();
     let config = dir.path().join("worker.toml");
     std::fs::write(
         &config,
-        format!(
-            "[worker]\nauthority = \"w1\"\ncores = 1\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{port}, {port}]\n[coordinator]\nurl = \"http://{coord}\"\naccess_flush_ms = 100\nheartbeat_secs = 1\n[redis]\nurl = \"{}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
-            common::free_port(),
-            redis.url()
-        ),
+        worker_config(coord, port, &redis.url(), "heartbeat_secs = 1\n"),
     )
     .expect("config");
     let log = dir.path().join("worker.log");
@@ -200,19 +211,7 @@ fn a_worker_behind_the_stores_clock_marks_on_the_stores_clock() {
     wait_for("subscribed to circuit events");
     // Its heartbeats measured the lag, and it said so.
     wait_for("this worker's clock differs from the store's");
-    let token = conf_token(coord, echo_port, SESSION, SESSION);
-    let (status, _, body) = http(coord, &format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=ssh&protocol=tcp HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nConnection: close\r\n\r\n"));
-    assert_eq!(status, 200, "{body}");
-    let url = serde_json::from_str::<serde_json::Value>(&body).expect("json")["redirect_url"]
-        .as_str()
-        .expect("url")
-        .to_owned();
-    let setup = url.split("token=").nth(1).expect("token");
-    let circuit = appproxy_shared::jwt::verify_hs256(setup.as_bytes(), "jwt").expect("jwt")
-        ["circuit"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let circuit = create_tcp_circuit(coord, echo_port);
     let used_at = appproxy_shared::jwt::now_epoch();
     {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -225,12 +224,7 @@ fn a_worker_behind_the_stores_clock_marks_on_the_stores_clock() {
                 }
             }
         };
-        c.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        c.write_all(b"ping").expect("write");
-        let mut got = [0u8; 4];
-        c.read_exact(&mut got).expect("echo");
-        assert_eq!(&got, b"ping");
+        echo_through(&mut c);
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     let at = loop {

@@ -581,11 +581,16 @@ route_info = [{routes}]
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
+        // Not asserted: a worker that already exited is waited for all the same.
         let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
+            .args(["-TERM", &self.pid().to_string()])
             .status();
+        self.wait_exit()
+    }
+
+    /// Waits (bounded) for the worker to exit, after a stop signal; its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
@@ -593,7 +598,7 @@ route_info = [{routes}]
             }
             assert!(
                 Instant::now() < deadline,
-                "worker did not exit after SIGTERM"
+                "worker did not exit after its stop signal"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
