@@ -611,7 +611,8 @@ fn run_core(
                 "drain timeout: cutting the exchanges still open"
             );
             // Each ends through its own failure path, with its access line and ID (a
-            // request nothing went out for is told 503): first every wait on an app
+            // request its app had is told 504, one no app was given yet 503:
+            // `Failure::at_deadline`): first every wait on an app
             // fails, so that a client can still be answered, then every wait at
             // all; what does not block still goes out. Bounded: a task that has not
             // ended by then is dropped with the core.

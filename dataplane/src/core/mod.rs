@@ -67,8 +67,8 @@ pub struct Core {
     /// Set on SIGTERM: stop accepting, close after the current request.
     pub draining: Cell<bool>,
     /// Set when the drain's deadline passes: every exchange still open is being cut
-    /// ([`crate::reactor::Reactor::revoke_all`]), and says so (503 where nothing went
-    /// out yet, "cut at the drain deadline" otherwise).
+    /// ([`crate::reactor::Reactor::revoke_all`]), and says so
+    /// ([`crate::proxy::retry::Failure::at_deadline`]).
     pub cut_off: Cell<bool>,
     /// Read buffer shared by every tunnel on this core: a tunnel borrows it only
     /// between a readiness edge and the end of the synchronous forward, so idle
