@@ -378,13 +378,7 @@ fn a_drain_does_not_make_stopped_cores_look_stalled() {
     });
     let mut busy = Client::connect(w.addr());
     busy.send(b"GET /wait?ms=2500 HTTP/1.1\r\nHost: t\r\n\r\n");
-    common::eventually("the request reached the app", || {
-        up.seen
-            .lock()
-            .expect("seen")
-            .iter()
-            .any(|s| s.path.starts_with("/wait"))
-    });
+    up.wait_seen("/wait");
     w.signal("-TERM");
     w.wait_log("a core stopped", |v| v["message"] == "core stopped");
     // Well past the stall bound, with the other core still draining.
@@ -503,13 +497,7 @@ fn unused_signals_are_logged_and_sigquit_drains() {
     assert_eq!(c.get("/after", "").status, 200, "the same connection");
     let mut busy = Client::connect(w.addr());
     busy.send(b"GET /wait?ms=500 HTTP/1.1\r\nHost: t\r\n\r\n");
-    common::eventually("the request reached the app", || {
-        up.seen
-            .lock()
-            .expect("seen")
-            .iter()
-            .any(|s| s.path.starts_with("/wait"))
-    });
+    up.wait_seen("/wait");
     w.signal("-QUIT");
     assert_eq!(busy.response().status, 200, "drained, not killed");
     let status = w.wait_exit();

@@ -548,54 +548,6 @@ fn first_creation_after_a_redis_restart_succeeds() {
     coordinator.stop();
 }
 
-/// A TCP relay to `to` that can be frozen: while it is, it forwards nothing either
-/// way and holds every connection open, as a coordinator stopped by SIGSTOP (or a
-/// path that drops packets) does.
-fn freezable_relay(to: SocketAddr) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
-    use std::io::{Read, Write};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let frozen = std::sync::Arc::new(AtomicBool::new(false));
-    let flag = frozen.clone();
-    std::thread::spawn(move || {
-        for client in l.incoming().flatten() {
-            let Ok(server) = TcpStream::connect(to) else {
-                continue;
-            };
-            for (mut from, mut into) in [
-                (
-                    client.try_clone().expect("clone"),
-                    server.try_clone().expect("clone"),
-                ),
-                (server, client),
-            ] {
-                let flag = flag.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 16384];
-                    loop {
-                        let n = match from.read(&mut buf) {
-                            // The end goes on too (the other copy holds the socket).
-                            Ok(0) | Err(_) => {
-                                let _ = into.shutdown(std::net::Shutdown::Write);
-                                return;
-                            }
-                            Ok(n) => n,
-                        };
-                        while flag.load(Ordering::SeqCst) {
-                            std::thread::sleep(Duration::from_millis(10));
-                        }
-                        if into.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        }
-    });
-    (addr, frozen)
-}
-
 /// Found by an outside tester: a worker following coordinator A applied no event
 /// while a heartbeat or poll to A was unanswered, so with A frozen the creations
 /// another coordinator (B) made on it waited for that call's timeout (10 s), past
@@ -611,12 +563,12 @@ fn a_frozen_coordinator_holds_no_events_the_others_send() {
     let ack = "worker_ack_timeout_secs = 5.0";
     let (a, a_addr) = coordinator_on(&database, &redis.url(), ack);
     let (b, b_addr) = coordinator_on(&database, &redis.url(), ack);
-    let (relay, frozen) = freezable_relay(a_addr);
+    let relay = common::Relay::start(a_addr);
     const PORTS: u16 = 8;
     let base = appproxy_test_support::free_range(PORTS);
     // The worker follows A (through the relay), polling often so that a poll is
     // in flight when A freezes, and heartbeating every second.
-    let text = worker_text("w1", base, PORTS, relay, &redis.url())
+    let text = worker_text("w1", base, PORTS, relay.addr, &redis.url())
         .replace("poll_interval_ms = 60000", "poll_interval_ms = 200");
     let mut w = WorkerProc::start(&text);
     w.wait_log("subscribed to circuit events", 1);
@@ -628,7 +580,7 @@ fn a_frozen_coordinator_holds_no_events_the_others_send() {
     });
     let token = token(b_addr);
     assert_eq!(create(b_addr, &token, "before-freeze").status, 200);
-    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    relay.freeze(true);
     // A heartbeat and a poll are now stuck on A.
     std::thread::sleep(Duration::from_millis(1500));
     for i in 0..3 {
@@ -639,7 +591,7 @@ fn a_frozen_coordinator_holds_no_events_the_others_send() {
         metric(b_addr, "appproxy_coordinator_worker_breaker_trips_total"),
         0
     );
-    frozen.store(false, std::sync::atomic::Ordering::SeqCst);
+    relay.freeze(false);
     converges(b_addr, "w1", base, PORTS, &[]);
     drop(w);
     a.stop();

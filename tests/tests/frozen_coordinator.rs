@@ -4,74 +4,14 @@
 //! on by one when they timed out: two moves with two coordinators put it back on
 //! the frozen one, and the worker flapped between them for the whole freeze, its
 //! heartbeats 10 s apart or worse (a healthy worker taken for lost). A real
-//! coordinator (SQLite store, in this process) behind two forwarding proxies — one
-//! of which can freeze — and a worker in this process.
+//! coordinator (SQLite store, in this process) behind two relays (`common::Relay`) —
+//! one of which freezes — and a worker in this process.
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A TCP proxy to `to` that counts the connections it takes and, once `frozen`,
-/// takes connections and says nothing (nor forwards them).
-struct Forwarder {
-    addr: SocketAddr,
-    frozen: Arc<AtomicBool>,
-    taken: Arc<AtomicUsize>,
-}
-
-impl Forwarder {
-    fn start(to: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let frozen = Arc::new(AtomicBool::new(false));
-        let taken = Arc::new(AtomicUsize::new(0));
-        let (f, t) = (frozen.clone(), taken.clone());
-        std::thread::spawn(move || {
-            let mut held = Vec::new();
-            for client in listener.incoming().flatten() {
-                t.fetch_add(1, Ordering::SeqCst);
-                if f.load(Ordering::SeqCst) {
-                    held.push(client);
-                    continue;
-                }
-                let Ok(server) = TcpStream::connect(to) else {
-                    continue;
-                };
-                for (mut from, mut into) in [
-                    (
-                        client.try_clone().expect("clone"),
-                        server.try_clone().expect("clone"),
-                    ),
-                    (server, client),
-                ] {
-                    let frozen = f.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16 * 1024];
-                        while let Ok(n) = from.read(&mut buf) {
-                            // A frozen coordinator's answers in progress stop too.
-                            if n == 0 || frozen.load(Ordering::SeqCst) {
-                                break;
-                            }
-                            if into.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = into.shutdown(std::net::Shutdown::Write);
-                    });
-                }
-            }
-        });
-        Self {
-            addr,
-            frozen,
-            taken,
-        }
-    }
-}
+use common::Relay;
 
 #[test]
 fn a_worker_leaves_a_frozen_coordinator_for_good() {
@@ -80,8 +20,8 @@ fn a_worker_leaves_a_frozen_coordinator_for_good() {
         "[coordinator]\nbind = \"127.0.0.1:0\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"{}\"\n",
         dir.path().join("c.sqlite3").display()
     ));
-    let first = Forwarder::start(coordinator.addr);
-    let second = Forwarder::start(coordinator.addr);
+    let first = Relay::start(coordinator.addr);
+    let second = Relay::start(coordinator.addr);
     let port = common::free_port();
     // Reads of the circuit set and heartbeats both come often: at the freeze, one
     // of each is likely in flight on the first coordinator.
@@ -94,26 +34,26 @@ fn a_worker_leaves_a_frozen_coordinator_for_good() {
     common::wait_registered(coordinator.addr, "w1");
     // Calls go to the first coordinator while it answers.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while first.taken.load(Ordering::SeqCst) < 10 {
+    while first.taken() < 10 {
         assert!(
             Instant::now() < deadline,
             "no calls to the first coordinator"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(second.taken.load(Ordering::SeqCst), 0);
-    first.frozen.store(true, Ordering::SeqCst);
-    let at_freeze = first.taken.load(Ordering::SeqCst);
+    assert_eq!(second.taken(), 0);
+    first.freeze(true);
+    let at_freeze = first.taken();
     // Past the first calls' 10 s limit, and long enough for a pointer moved back
     // onto the frozen one to send it more.
     std::thread::sleep(Duration::from_secs(16));
-    let after = first.taken.load(Ordering::SeqCst) - at_freeze;
+    let after = first.taken() - at_freeze;
     assert!(
         after <= 2,
         "{after} connections to the frozen coordinator after it froze: the worker went back to it"
     );
     assert!(
-        second.taken.load(Ordering::SeqCst) > 3,
+        second.taken() > 3,
         "the worker did not move to the coordinator that answers"
     );
     worker.stop();

@@ -114,6 +114,18 @@ impl Upstream {
     pub fn count(&self) -> usize {
         self.seen.lock().expect("seen").len()
     }
+
+    /// Waits (bounded) until the app has read a request whose path starts with
+    /// `prefix` (its body included: it records a request once it has read it).
+    pub fn wait_seen(&self, prefix: &str) {
+        eventually(&format!("a request for {prefix} reached the app"), || {
+            self.seen
+                .lock()
+                .expect("seen")
+                .iter()
+                .any(|s| s.path.starts_with(prefix))
+        });
+    }
 }
 
 impl Drop for Upstream {
