@@ -36,6 +36,8 @@ pub mod otlp;
 #[cfg(feature = "redis")]
 pub mod pubsub;
 pub mod rate_floor;
+#[cfg(feature = "redis")]
+pub mod redis_call;
 pub mod request_id;
 pub mod secret;
 pub mod telemetry;

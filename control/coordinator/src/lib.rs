@@ -85,18 +85,10 @@ fn problem_body(code: &str, title: &str, error: &str) -> serde_json::Value {
     })
 }
 
-/// Every Redis call the coordinator makes is bounded by this: an outage costs a call
-/// at most this long (then the caller's fallback applies), never a hang.
-pub const REDIS_CALL_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Runs a Redis call under [`REDIS_CALL_TIMEOUT`].
-pub async fn bounded<T>(
-    call: impl std::future::Future<Output = redis::RedisResult<T>>,
-) -> redis::RedisResult<T> {
-    tokio::time::timeout(REDIS_CALL_TIMEOUT, call)
-        .await
-        .unwrap_or_else(|_| Err((redis::ErrorKind::IoError, "redis call timed out").into()))
-}
+/// Every Redis call the coordinator makes is bounded (`bounded`): an outage costs a
+/// call at most [`REDIS_CALL_TIMEOUT`] (then the caller's fallback applies), never a
+/// hang.
+pub use appproxy_shared::redis_call::{bounded, REDIS_CALL_TIMEOUT};
 
 /// Counters for `/metrics`.
 #[derive(Default)]

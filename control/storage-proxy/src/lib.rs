@@ -730,9 +730,8 @@ pub async fn emit(state: &State, name: &str, payload: serde_json::Value) {
         let mut conn = conn.clone();
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(EVENT_CHANNEL).arg(&text);
-        tokio::time::timeout(EVENT_CALL_TIMEOUT, cmd.query_async::<i64>(&mut conn))
-            .await
-            .unwrap_or_else(|_| Err((redis::ErrorKind::IoError, "redis call timed out").into()))
+        // A Redis that hangs costs a task's progress no more than the bound per event.
+        appproxy_shared::redis_call::bounded(cmd.query_async::<i64>(&mut conn)).await
     };
     let mut sent = publish().await;
     // A Redis restarted since the last call left the connection stale: the first
@@ -746,10 +745,6 @@ pub async fn emit(state: &State, name: &str, payload: serde_json::Value) {
         tracing::warn!(event = name, error = %e, "event not published");
     }
 }
-
-/// How long one event's publication may take: a Redis that hangs costs a task's
-/// progress no more than this per event.
-const EVENT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Builds the state from the config (without an event bus).
 pub fn state(config: &StorageConfig) -> std::io::Result<Arc<State>> {

@@ -16,28 +16,18 @@ use appproxy_shared::wire::{
     AccessMark, CircuitSet, EventBody, EventKind, EventTarget, Heartbeat, Registered,
     WorkerRegistration, MAX_CIRCUITS_PER_ANSWER,
 };
+// Every Redis call the worker makes is bounded: an outage costs a call at most
+// `REDIS_CALL_TIMEOUT`, never a hang.
+use appproxy_shared::redis_call::bounded;
 use appproxy_shared::{IdVersion, RequestId};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::{ControlLink, LinkError, Notice};
 use crate::config::CircuitsFrom;
 
-/// Every Redis call the worker makes is bounded by this: an outage costs a call at
-/// most this long, never a hang.
-const REDIS_CALL_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// A heartbeat slower than this says nothing of the clocks' offset (it is known to
 /// within half the round trip).
 const MAX_CLOCK_ROUND_TRIP: Duration = Duration::from_millis(500);
-
-/// Runs a Redis call under [`REDIS_CALL_TIMEOUT`].
-async fn bounded<T>(
-    call: impl std::future::Future<Output = redis::RedisResult<T>>,
-) -> redis::RedisResult<T> {
-    tokio::time::timeout(REDIS_CALL_TIMEOUT, call)
-        .await
-        .unwrap_or_else(|_| Err((redis::ErrorKind::IoError, "redis call timed out").into()))
-}
 
 /// A coordinator reached over HTTP, with Redis for events, acknowledgements and
 /// marks when configured.
