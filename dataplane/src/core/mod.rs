@@ -68,7 +68,7 @@ pub struct Core {
     pub draining: Cell<bool>,
     /// Set when the drain's deadline passes: every exchange still open is being cut
     /// ([`crate::reactor::Reactor::revoke_all`]), and says so
-    /// ([`crate::proxy::retry::Failure::at_deadline`]).
+    /// ([`crate::proxy::retry::Failure::drained`]).
     pub cut_off: Cell<bool>,
     /// Read buffer shared by every tunnel on this core: a tunnel borrows it only
     /// between a readiness edge and the end of the synchronous forward, so idle

@@ -68,15 +68,15 @@ impl From<Failure> for Fail {
 }
 
 impl Fail {
-    /// This failure as the drain's deadline leaves it ([`Failure::at_deadline`]).
-    pub(crate) fn at_deadline(self, app_tried: bool) -> Self {
+    /// This failure as the core leaves it ([`Failure::drained`]).
+    pub(crate) fn drained(self, core: &crate::core::Core, side: &AppSide) -> Self {
         // A stream's body is read as it goes: none of it is left to keep.
         let failure = match self {
             Fail::Answer(e) => Failure::Answer(e, crate::proxy::retry::Left::Partial),
             Fail::Abort(s) => Failure::Abort(s),
             Fail::Cut(c) => Failure::Cut(c),
         };
-        failure.at_deadline(app_tried).into()
+        failure.drained(core, side).into()
     }
 }
 
@@ -430,12 +430,9 @@ async fn serve_stream(
             forward_h1(ctx, &route, req, body, respond, id, trace).await
         }
     };
-    let outcome = match futures_lite::future::or(exchange, revoked).await {
-        Err(failure) if core.cut_off.get() => {
-            Err(failure.at_deadline(line.side.addr.get().is_some()))
-        }
-        outcome => outcome,
-    };
+    let outcome = futures_lite::future::or(exchange, revoked)
+        .await
+        .map_err(|failure| failure.drained(core, &line.side));
     match outcome {
         Ok(done) => {
             core.metrics.status(done.status);

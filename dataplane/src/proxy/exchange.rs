@@ -406,12 +406,7 @@ impl Client {
             revoked,
         )
         .await;
-        let bridged = match bridged {
-            Err(failure) if core.cut_off.get() => {
-                Err(failure.at_deadline(x.side.addr.get().is_some()))
-            }
-            bridged => bridged,
-        };
+        let bridged = bridged.map_err(|failure| failure.drained(&core, &x.side));
         match bridged {
             // The bridge counted its bytes out itself.
             Ok(b) => {
@@ -444,12 +439,7 @@ impl Client {
 
     /// Ends an exchange by its outcome: a relayed answer, a refusal or an abort.
     async fn conclude(&mut self, x: &Exchange, outcome: Result<Done, Failure>) -> Next {
-        let outcome = match outcome {
-            Err(failure) if self.core.cut_off.get() => {
-                Err(failure.at_deadline(x.side.addr.get().is_some()))
-            }
-            outcome => outcome,
-        };
+        let outcome = outcome.map_err(|failure| failure.drained(&self.core, &x.side));
         match outcome {
             Ok(done) => self.finish(x, &done),
             Err(Failure::Answer(err, left)) => {

@@ -62,6 +62,21 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// This failure as the core leaves it: once the drain's deadline cut what is
+    /// still open ([`crate::core::Core::cut_off`]), the deadline's
+    /// ([`Failure::at_deadline`], an app tried or not as `side` says); unchanged
+    /// before. Every way an exchange concludes (HTTP/1.1, the bridge to an HTTP/2
+    /// app, an HTTP/2 stream) passes its failure through here.
+    pub(crate) fn drained(self, core: &crate::core::Core, side: &super::upstream::AppSide) -> Self {
+        if core.cut_off.get() {
+            self.at_deadline(side.addr.get().is_some())
+        } else {
+            self
+        }
+    }
+}
+
 /// Why an exchange still open when the drain's deadline passed ended.
 pub(crate) const DRAIN_DEADLINE: &str = "cut at the drain deadline";
 
