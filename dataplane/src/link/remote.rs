@@ -374,7 +374,7 @@ impl Client {
         let exchanged = tokio::time::timeout(Duration::from_secs(10), async {
             stream.write_all(head.as_bytes()).await?;
             stream.write_all(body).await?;
-            stream.take(16 << 20).read_to_end(&mut raw).await
+            stream.take(MAX_ANSWER).read_to_end(&mut raw).await
         })
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
@@ -382,9 +382,30 @@ impl Client {
         exchanged.map_err(|e| Exchanged::Unserved(e.into()))?;
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut resp = httparse::Response::new(&mut headers);
-        let Ok(httparse::Status::Complete(n)) = resp.parse(&raw) else {
-            return Err(Exchanged::Failed(LinkError::Response));
+        let n = match resp.parse(&raw) {
+            Ok(httparse::Status::Complete(n)) => n,
+            // The connection closed before a whole head (nothing at all, say): the
+            // coordinator was stopped or killed mid-call, or gave up waiting for the
+            // request; another may serve it. Before, this failed the call where a
+            // reset moved on.
+            Ok(httparse::Status::Partial) => return Err(cut_short()),
+            Err(_) => return Err(Exchanged::Failed(LinkError::Response)),
         };
+        // A body shorter than the head announced was cut off the same way.
+        let announced = resp
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .and_then(|h| {
+                std::str::from_utf8(h.value)
+                    .ok()?
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+            });
+        if announced.is_some_and(|len| raw.len() - n < len) && raw.len() < MAX_ANSWER as usize {
+            return Err(cut_short());
+        }
         let status = resp.code.unwrap_or(0);
         if !(200..300).contains(&status) {
             let text = String::from_utf8_lossy(&raw[n..]);
@@ -400,6 +421,17 @@ impl Client {
         raw.drain(..n);
         Ok(raw)
     }
+}
+
+/// The most of an answer read (the largest, a page of circuits, is far smaller).
+const MAX_ANSWER: u64 = 16 << 20;
+
+/// An answer the coordinator's connection closed in the middle of.
+fn cut_short() -> Exchanged {
+    Exchanged::Unserved(LinkError::Io(std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "the connection closed before the whole answer",
+    )))
 }
 
 /// How an exchange with a coordinator failed.
@@ -555,6 +587,21 @@ mod tests {
                 let mut buf = [0u8; 1024];
                 let _ = (&s).read(&mut buf);
                 let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            }
+        });
+        addr
+    }
+
+    /// A coordinator that takes the request and closes the connection after
+    /// `answer` (a coordinator stopped mid-call, or giving up on the request).
+    fn closing_after(answer: &'static [u8]) -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(answer);
             }
         });
         addr
@@ -771,6 +818,51 @@ mod tests {
             Err(LinkError::Status(409, _)) => {}
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A connection closed before the whole answer (no answer at all, half a
+    /// head, a body shorter than announced) is a call cut off, made again on the
+    /// next coordinator. Before, it failed the call without moving on (a reset
+    /// moved on): a coordinator stopped mid-call, or one that gave up waiting for
+    /// the request, held the worker to it.
+    #[test]
+    fn an_answer_cut_short_moves_on_to_the_next_coordinator() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        for answer in [
+            &b""[..],
+            b"HTTP/1.1 200 OK\r\nContent-Le",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}",
+        ] {
+            let (a, b) = (closing_after(answer), answering());
+            let client = Client::new(&format!("http://{a}, http://{b}"), "s".into(), "n".into())
+                .expect("urls");
+            let (first, second) = rt.block_on(async {
+                let first = client.call("GET", "/api/x", b"").await;
+                (first, client.call("GET", "/api/x", b"").await)
+            });
+            let shown = String::from_utf8_lossy(answer);
+            assert_eq!(first.expect(&shown), b"{}", "{shown}");
+            assert_eq!(second.expect(&shown), b"{}", "{shown}");
+            assert_eq!(client.current.load(Ordering::Relaxed), 1, "{shown}");
+        }
+        // An answer that does not read is the coordinator's answer: not passed over.
+        let c = Client::new(
+            &format!(
+                "http://{}, http://{}",
+                closing_after(b"HTTP/9 x\r\n\r\n"),
+                answering()
+            ),
+            "s".into(),
+            "n".into(),
+        )
+        .expect("urls");
+        assert!(matches!(
+            rt.block_on(c.call("GET", "/api/x", b"")),
+            Err(LinkError::Response)
+        ));
     }
 
     /// A call cut off by the coordinator it went to is made again on the next

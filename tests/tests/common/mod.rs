@@ -592,7 +592,13 @@ impl Relay {
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16384];
                         loop {
-                            let n = match from.read(&mut buf) {
+                            let read = from.read(&mut buf);
+                            // Frozen, nothing goes on, not even the end: a frozen
+                            // process does not close its connections.
+                            while flag.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            let n = match read {
                                 // The end goes on too (the other copy holds the socket).
                                 Ok(0) | Err(_) => {
                                     let _ = into.shutdown(std::net::Shutdown::Write);
@@ -600,9 +606,6 @@ impl Relay {
                                 }
                                 Ok(n) => n,
                             };
-                            while flag.load(Ordering::SeqCst) {
-                                std::thread::sleep(Duration::from_millis(10));
-                            }
                             if into.write_all(&buf[..n]).is_err() {
                                 return;
                             }
