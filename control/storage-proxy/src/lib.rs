@@ -463,6 +463,9 @@ impl ApiError {
             Self::Io(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 (StatusCode::CONFLICT, "conflict")
             }
+            // A resolution that met a rename or mount on every try (`fsx::openat2`),
+            // a file busy: worth another try in a moment, not the caller's error.
+            Self::Io(e) if transient(e) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             Self::Io(_) => (StatusCode::BAD_REQUEST, "filesystem-error"),
             Self::Archive(_) => (StatusCode::INTERNAL_SERVER_ERROR, "archive-failed"),
             Self::FolderUnavailable(_) => {
@@ -484,23 +487,48 @@ impl IntoResponse for ApiError {
             tracing::info!(error = %self, "request refused");
         }
         let title = self.to_string();
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "type": format!("{}{kind}", PROBLEM.type_base),
             "title": title,
             "error": title,
             "code": kind,
             "request_id": appproxy_shared::current_request_id().map(|i| i.to_string()),
         });
+        // The original's fields for a filesystem error, beside the problem's:
+        // `msg` (the system's words), `errno`, and `paths`, which stays empty here:
+        // the original named host paths, which are never told.
+        if let (Self::Io(e), Some(fields)) = (&self, body.as_object_mut()) {
+            fields.insert("msg".into(), strerror(e).into());
+            fields.insert("errno".into(), e.raw_os_error().into());
+            fields.insert("paths".into(), serde_json::json!([]));
+        }
         let mut resp = (status, axum::Json(body)).into_response();
         if matches!(self, Self::Busy(_)) {
             resp.headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("5"));
         }
-        if matches!(self, Self::Locked(_)) {
+        if matches!(&self, Self::Locked(_)) || matches!(&self, Self::Io(e) if transient(e)) {
             resp.headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));
         }
         resp
+    }
+}
+
+/// An error that passes on its own: the kernel's `EAGAIN` (a resolution through
+/// `..` racing renames or mounts on every try) and `EBUSY`.
+fn transient(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(n) if n == rustix::io::Errno::AGAIN.raw_os_error() || n == rustix::io::Errno::BUSY.raw_os_error())
+}
+
+/// What the system says of `e`, without the " (os error N)" std adds.
+fn strerror(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match e.raw_os_error() {
+        Some(n) => text
+            .strip_suffix(&format!(" (os error {n})"))
+            .map_or(text.clone(), str::to_owned),
+        None => text,
     }
 }
 
@@ -1101,4 +1129,37 @@ fn remove_expired_in(
         );
     }
     removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `EAGAIN` (a resolution through `..` that met a rename or mount on each of
+    /// its tries) and `EBUSY` pass on their own: 503 `busy` with a `Retry-After`,
+    /// where they were a 400 that told the caller its request was wrong.
+    #[test]
+    fn a_transient_filesystem_error_is_busy_not_the_callers_fault() {
+        for errno in [rustix::io::Errno::AGAIN, rustix::io::Errno::BUSY] {
+            let e = ApiError::from(std::io::Error::from_raw_os_error(errno.raw_os_error()));
+            assert_eq!(
+                e.status_and_kind(),
+                (StatusCode::SERVICE_UNAVAILABLE, "busy")
+            );
+            let resp = e.into_response();
+            assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert!(resp.headers().contains_key("retry-after"));
+        }
+        let e = ApiError::from(std::io::Error::from_raw_os_error(
+            rustix::io::Errno::NOTDIR.raw_os_error(),
+        ));
+        assert_eq!(
+            e.status_and_kind(),
+            (StatusCode::BAD_REQUEST, "filesystem-error")
+        );
+        assert_eq!(
+            strerror(&std::io::Error::from_raw_os_error(20)),
+            "Not a directory"
+        );
+    }
 }

@@ -852,3 +852,49 @@ fn names_that_are_not_utf8_are_reached_by_the_names_listed() {
         b"fffd"
     );
 }
+
+/// A filesystem error carries the original's fields beside the problem's: `msg`
+/// (the system's words), `errno`, and `paths`, empty (the original named host
+/// paths, never told here). Before, only the problem's fields came: a manager
+/// reading the original's `msg` and `errno` found nothing.
+#[test]
+fn a_filesystem_error_carries_the_originals_msg_and_errno() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    std::fs::create_dir_all(p.vfolder_path().join("d")).expect("d");
+    // A directory moved into itself: EINVAL from the kernel.
+    let r = p.manager(
+        "/folder/file/move",
+        body(serde_json::json!({"src_relpath": "d", "dst_relpath": "d/inner"})),
+        None,
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["code"], "filesystem-error", "{v}");
+    assert_eq!(v["errno"], 22, "{v}");
+    assert_eq!(v["msg"], "Invalid argument", "{v}");
+    assert_eq!(v["paths"], serde_json::json!([]), "{v}");
+    assert!(v["request_id"].is_string(), "{v}");
+    let host = p.vfolder_path().display().to_string();
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains(&host),
+        "a host path told: {v}"
+    );
+    // A file missing is one too, told by its status (404 `file-not-found`).
+    let r = p.manager(
+        "/folder/file/move",
+        body(serde_json::json!({"src_relpath": "missing", "dst_relpath": "x"})),
+        None,
+    );
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["errno"], 2, "{}", r.json());
+    // A refusal that is no filesystem error has none of them.
+    let r = p.manager(
+        "/folder/file/move",
+        body(serde_json::json!({"src_relpath": "../../etc", "dst_relpath": "x"})),
+        None,
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "invalid-api-params", "{}", r.json());
+    assert!(r.json().get("errno").is_none(), "{}", r.json());
+}
