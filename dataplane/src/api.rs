@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 
 use appproxy_shared::model::{AppMode, FrontendMode, ProxyProtocol};
-use appproxy_shared::{scope, scope_traced, RequestId};
+use appproxy_shared::{scope_traced, RequestId};
 
 use crate::core::access_log::AccessEntry;
 use crate::core::{Core, Route};
@@ -40,8 +40,9 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr) {
             Err(e) => {
                 // The client's own ID when its head carried a valid one, as on the
                 // frontends.
-                let id = parse::refused_head_id(buf.filled())
-                    .unwrap_or_else(|| RequestId::generate(core.rt.id_version));
+                let refused = parse::RefusedHead::read(buf.filled());
+                let id = refused.id_or(core.rt.id_version);
+                let span = refused.span(core.rt.trace_context, &id);
                 let mut out = Vec::new();
                 // A HEAD refused before its head was whole gets no body either.
                 let bodiless = parse::is_head_request(buf.filled());
@@ -56,12 +57,12 @@ pub async fn serve(core: Rc<Core>, conn: TcpConn, peer: SocketAddr) {
                     bodiless,
                 );
                 let sent = conn.write_all(&out).await.is_ok();
-                scope(Some(id), async {
+                scope_traced(Some(id), span, async {
                     tracing::info!(error = %e, "api request refused");
+                    let bytes_out = if sent { out.len() as u64 } else { 0 };
+                    core.record(&AccessEntry::unread(&id, peer.ip(), status, bytes_out));
                 })
                 .await;
-                let bytes_out = if sent { out.len() as u64 } else { 0 };
-                core.record(&AccessEntry::unread(&id, peer.ip(), status, bytes_out));
                 if sent {
                     // The rest of the head, or more, may still be on its way.
                     crate::proxy::lingering_close(&core, &conn, buf.scratch(), true).await;

@@ -85,6 +85,28 @@ fn setup_is_traced_names_its_circuit_and_says_why_it_refused() {
     assert_eq!(why[0]["code"], "E20008", "{}", why[0]);
     assert!(why[0]["error"].is_string(), "{}", why[0]);
     assert!(!w.log_text().contains(&forged), "the token was logged");
+    // A head refused before it was read whole (two `Host` fields) is in the
+    // client's trace too.
+    let mut c = Client::connect(api);
+    c.send(
+        format!("GET /setup HTTP/1.1\r\nHost: a\r\nHost: b\r\nX-Backend-Request-ID: setup-bad-head\r\ntraceparent: {INCOMING}\r\n\r\n")
+            .as_bytes(),
+    );
+    assert_eq!(c.response().status, 400);
+    let line = w.wait_access_line("setup-bad-head");
+    assert_eq!(
+        line["trace_id"], "0af7651916cd43dd8448eb211c80319c",
+        "{line}"
+    );
+    assert_eq!(line["parent_span_id"], "b7ad6b7169203331", "{line}");
+    let why = w.wait_log("the bad head's refusal", |v| {
+        v["request_id"] == "setup-bad-head" && v["message"] == "api request refused"
+    });
+    assert_eq!(
+        why[0]["trace_id"], "0af7651916cd43dd8448eb211c80319c",
+        "{}",
+        why[0]
+    );
 }
 
 #[test]

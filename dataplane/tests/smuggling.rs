@@ -190,26 +190,45 @@ fn a_bare_lf_anywhere_in_a_request_head_is_refused() {
 /// A head refused before it was parsed whole (framing in doubt, two `Host` fields, a
 /// bare LF, too large) is answered under the request ID the client sent, when a
 /// valid one is among the lines read: the client and the access line name the same
-/// request. An invalid one is replaced, as always.
+/// request. An invalid one is replaced, as always. Its access line is in the
+/// client's trace when one valid `traceparent` was among the lines read (a child of
+/// it, as for any request), else in a trace of its own; before, it had no trace at
+/// all, and the client's trace lost the refused request.
 #[test]
 fn a_refused_head_answers_under_the_clients_request_id() {
     let app = LenientApp::start();
     let w = worker_for(&app);
     let pad = "a".repeat(17_000);
+    const TP: &str = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n";
     let heads = [
-        ("id-clte", "POST /a HTTP/1.1\r\nHost: a\r\nX-Backend-Request-ID: id-clte\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_owned(), 400),
-        ("id-hosts", "GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\nX-Request-ID: id-hosts\r\n\r\n".to_owned(), 400),
-        ("id-lf", "GET /a HTTP/1.1\r\nX-Backend-Request-ID: id-lf\nHost: a\r\n\r\n".to_owned(), 400),
-        ("id-big", format!("GET /a HTTP/1.1\r\nHost: a\r\nX-Backend-Request-ID: id-big\r\nX-Pad: {pad}\r\n\r\n"), 431),
+        ("id-clte", format!("POST /a HTTP/1.1\r\nHost: a\r\nX-Backend-Request-ID: id-clte\r\n{TP}Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), 400, true),
+        ("id-hosts", "GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\nX-Request-ID: id-hosts\r\n\r\n".to_owned(), 400, false),
+        ("id-lf", "GET /a HTTP/1.1\r\nX-Backend-Request-ID: id-lf\nHost: a\r\n\r\n".to_owned(), 400, false),
+        ("id-big", format!("GET /a HTTP/1.1\r\nHost: a\r\nX-Backend-Request-ID: id-big\r\n{TP}X-Pad: {pad}\r\n\r\n"), 431, true),
+        // Two lines: neither counts, as for a parsed head.
+        ("id-two", format!("GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\nX-Backend-Request-ID: id-two\r\n{TP}{TP}\r\n"), 400, false),
     ];
-    for (id, head, status) in heads {
+    for (id, head, status, in_trace) in heads {
         let mut c = Client::connect(w.addr());
         c.send(head.as_bytes());
         let r = c.response();
         assert_eq!(r.status, status, "{id}: {}", r.text());
         assert_eq!(r.header("X-Backend-Request-ID"), Some(id), "{id}");
         assert_eq!(r.json()["request_id"], id, "{id}: {}", r.text());
-        assert_eq!(w.wait_access_line(id)["status"], status, "{id}");
+        let line = w.wait_access_line(id);
+        assert_eq!(line["status"], status, "{id}");
+        let trace = line["trace_id"].as_str().expect("a trace");
+        assert_eq!(trace.len(), 32, "{line}");
+        assert_eq!(
+            trace == "0af7651916cd43dd8448eb211c80319c",
+            in_trace,
+            "{id}: {line}"
+        );
+        assert_eq!(
+            line["parent_span_id"] == "b7ad6b7169203331",
+            in_trace,
+            "{id}: {line}"
+        );
     }
     // Not a valid ID: replaced by one of the worker's.
     let mut c = Client::connect(w.addr());

@@ -460,30 +460,69 @@ pub fn is_head_request(buf: &[u8]) -> bool {
     after_empty_lines(buf).starts_with(b"HEAD ")
 }
 
-/// The request ID a refused request head carries, read from its bytes as far as
-/// they go (`buf`: a head cut short, too large, or malformed, which the parser gave
-/// up on): its field lines up to the first empty line, each split at its first
-/// colon, and the ID taken as [`appproxy_shared::header::extract`] takes it from
-/// parsed fields (a valid one only: the value is never echoed unchecked). So the
-/// client finds its refusal under its own ID, as it would any other answer.
-pub fn refused_head_id(buf: &[u8]) -> Option<appproxy_shared::RequestId> {
-    let rest = after_empty_lines(buf);
-    // Whole lines only: the last one of a head cut short may end inside a value.
-    let whole = &rest[..rest.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)];
-    let fields = whole
-        .split(|&b| b == b'\n')
-        .skip(1)
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
-        .take_while(|line| !line.is_empty())
-        .filter_map(|line| {
-            let colon = line.iter().position(|&b| b == b':')?;
-            let (name, value) = (&line[..colon], &line[colon + 1..]);
-            (!name.is_empty() && name.iter().all(|&b| super::chunked::is_tchar(b)))
-                .then_some((name, value))
-        });
-    match appproxy_shared::header::extract(fields) {
-        appproxy_shared::header::Extracted::Valid(id) => Some(id),
-        _ => None,
+/// What a refused request head says of itself, read from its bytes as far as they
+/// go (`buf`: a head cut short, too large, or malformed, which the parser gave up
+/// on): its field lines up to the first empty line, each split at its first colon.
+/// So the client finds its refusal under its own ID and in its own trace, as it
+/// would any other answer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RefusedHead {
+    /// The request ID, taken as [`appproxy_shared::header::extract`] takes it from
+    /// parsed fields (a valid one only: the value is never echoed unchecked).
+    pub id: Option<appproxy_shared::RequestId>,
+    /// The client's `traceparent`, by the rule of parsed fields: one line only,
+    /// valid.
+    pub traceparent: Option<appproxy_shared::trace::TraceParent>,
+}
+
+impl RefusedHead {
+    /// Reads the head's whole field lines from `buf`.
+    pub fn read(buf: &[u8]) -> Self {
+        let rest = after_empty_lines(buf);
+        // Whole lines only: the last one of a head cut short may end inside a value.
+        let whole = &rest[..rest.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)];
+        let fields = || {
+            whole
+                .split(|&b| b == b'\n')
+                .skip(1)
+                .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+                .take_while(|line| !line.is_empty())
+                .filter_map(|line| {
+                    let colon = line.iter().position(|&b| b == b':')?;
+                    let (name, value) = (&line[..colon], &line[colon + 1..]);
+                    (!name.is_empty() && name.iter().all(|&b| super::chunked::is_tchar(b)))
+                        .then_some((name, value))
+                })
+        };
+        let id = match appproxy_shared::header::extract(fields()) {
+            appproxy_shared::header::Extracted::Valid(id) => Some(id),
+            _ => None,
+        };
+        let mut lines =
+            fields().filter(|(name, _)| name_is(name, appproxy_shared::trace::TRACEPARENT));
+        let traceparent = match (lines.next(), lines.next()) {
+            (Some((_, value)), None) => appproxy_shared::trace::TraceParent::parse(value).ok(),
+            _ => None,
+        };
+        Self { id, traceparent }
+    }
+
+    /// The ID the refusal goes under: the client's, else a fresh one.
+    pub fn id_or(&self, version: appproxy_shared::IdVersion) -> appproxy_shared::RequestId {
+        self.id
+            .unwrap_or_else(|| appproxy_shared::RequestId::generate(version))
+    }
+
+    /// The refusal's span under `id`, with `[tracing] trace_context` (`traced`):
+    /// the child of the client's `traceparent`, else a root derived from the ID.
+    pub fn span(
+        &self,
+        traced: bool,
+        id: &appproxy_shared::RequestId,
+    ) -> Option<appproxy_shared::trace::SpanContext> {
+        traced.then(|| {
+            appproxy_shared::trace::SpanContext::start(self.traceparent.as_ref(), Some(id))
+        })
     }
 }
 

@@ -39,7 +39,6 @@ fn head_requests_are_known_before_their_head_is_parsed() {
 /// valid one is among the field lines read, by the rules of parsed fields.
 #[test]
 fn a_refused_heads_request_id_is_read_from_its_bytes() {
-    use super::parse::refused_head_id;
     let table: &[(&[u8], Option<&str>)] = &[
         (
             b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\nX-Backend-Request-ID: id-clte\r\n\r\n",
@@ -65,11 +64,40 @@ fn a_refused_heads_request_id_is_read_from_its_bytes() {
     ];
     for (input, want) in table {
         assert_eq!(
-            refused_head_id(input).map(|id| id.as_str().to_owned()),
+            super::parse::RefusedHead::read(input)
+                .id
+                .map(|id| id.as_str().to_owned()),
             want.map(str::to_owned),
             "{:?}",
             String::from_utf8_lossy(input)
         );
+    }
+}
+
+/// The `traceparent` a refusal of an unparsed head is traced under: one valid
+/// line among the whole field lines read, by the rules of parsed fields.
+#[test]
+fn a_refused_heads_traceparent_is_read_from_its_bytes() {
+    const TP: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let table: &[(String, bool)] = &[
+        (format!("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\ntraceparent: {TP}\r\n\r\n"), true),
+        (format!("GET / HTTP/1.1\r\nTraceParent:\t{TP} \r\nX-Pad: aaa"), true),
+        // Cut inside its own line, two lines, invalid, in the body, malformed name.
+        (format!("GET / HTTP/1.1\r\ntraceparent: {TP}"), false),
+        (format!("GET / HTTP/1.1\r\ntraceparent: {TP}\r\ntraceparent: {TP}\r\n\r\n"), false),
+        ("GET / HTTP/1.1\r\ntraceparent: 00-00000000000000000000000000000000-b7ad6b7169203331-01\r\n\r\n".to_owned(), false),
+        (format!("GET / HTTP/1.1\r\n\r\ntraceparent: {TP}\r\n"), false),
+        (format!("GET / HTTP/1.1\r\ntraceparent : {TP}\r\n\r\n"), false),
+    ];
+    for (input, valid) in table {
+        let read = super::parse::RefusedHead::read(input.as_bytes()).traceparent;
+        assert_eq!(read.is_some(), *valid, "{input:?}");
+        if let Some(tp) = read {
+            assert_eq!(
+                tp.trace_id.hex().as_str(),
+                "0af7651916cd43dd8448eb211c80319c"
+            );
+        }
     }
 }
 

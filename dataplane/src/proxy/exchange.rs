@@ -12,7 +12,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use appproxy_shared::header::{self, IdPolicy};
-use appproxy_shared::{scope, RequestId};
+use appproxy_shared::{scope_traced, RequestId};
 
 use super::retry::{self, Attempt, Retry};
 use super::tunnel::TunnelEnds;
@@ -549,20 +549,22 @@ impl Client {
         } else {
             Next::Linger
         };
-        // The client's own ID when its head carried a valid one, as far as it was read.
-        let id = parse::refused_head_id(self.buf.filled())
-            .unwrap_or_else(|| RequestId::generate(self.core.rt.id_version));
+        // The client's own ID and trace when its head carried them, as far as it
+        // was read: its line, its access line and its span are the refusal's.
+        let head = parse::RefusedHead::read(self.buf.filled());
+        let id = head.id_or(self.core.rt.id_version);
+        let span = head.span(self.core.rt.trace_context, &id);
         let err = ProxyError::Request(e);
-        scope(Some(id), async {
-            tracing::info!(error = %err, "request refused");
-        })
-        .await;
         let r = Refusal::from(&err);
-        let entry = AccessEntry::unread(&id, self.hop.peer.ip(), r.status, 0);
         // A `HEAD` whose head was refused still gets no content: its request line
         // is read as far as the method.
         let bodiless = parse::is_head_request(self.buf.filled());
-        self.send_refusal(&entry, &r, Keep::Close, bodiless).await;
+        scope_traced(Some(id), span, async {
+            tracing::info!(error = %err, "request refused");
+            let entry = AccessEntry::unread(&id, self.hop.peer.ip(), r.status, 0);
+            self.send_refusal(&entry, &r, Keep::Close, bodiless).await;
+        })
+        .await;
         next
     }
 
