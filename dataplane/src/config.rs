@@ -838,7 +838,7 @@ pub enum ConfigError {
 }
 
 /// A circuit ready to serve: validated, with upstreams resolved.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ResolvedCircuit {
     /// The circuit as configured or deployed.
     pub circuit: Circuit,

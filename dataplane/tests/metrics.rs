@@ -267,6 +267,69 @@ fn upstream_health_per_route_shows_refused_and_coordinator_marked_routes() {
     );
 }
 
+/// A reload keeps what passive health learnt: the same file deployed again leaves
+/// an app out of rotation until its back-off ends (no new failures to find it
+/// out again); a file that routes elsewhere is served at once. Before, every
+/// reload forgot every route's health: the dead app took requests again and was
+/// marked unhealthy anew.
+#[test]
+fn a_reload_keeps_passive_health() {
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let live = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![dead],
+        ..Default::default()
+    });
+    let state = |w: &Worker| {
+        w.admin_get("/circuits").json()["circuits"][0]["routes"][0]["state"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let refused = |w: &Worker| {
+        for _ in 0..4 {
+            let r = Client::connect(w.addr()).get("/", "Connection: close\r\n");
+            assert_eq!(r.status, 502);
+        }
+    };
+    refused(&w);
+    common::eventually("out of rotation", || {
+        state(&w).as_deref() == Some("passive_unhealthy")
+    });
+    common::eventually("marked once", || {
+        common::log_count(&w, "upstream marked unhealthy") == 1
+    });
+    // The same file again.
+    let applied = |w: &Worker| common::log_count(w, "deployment applied");
+    let before = applied(&w);
+    w.reload(|text| text);
+    common::eventually("the reload applied", || applied(&w) > before);
+    refused(&w);
+    let id = "after-the-reload";
+    let r = Client::connect(w.addr()).get("/", &format!("X-Backend-Request-ID: {id}\r\n"));
+    assert_eq!(r.status, 502);
+    w.wait_access_line(id);
+    assert_eq!(state(&w).as_deref(), Some("passive_unhealthy"));
+    assert_eq!(
+        common::log_count(&w, "upstream marked unhealthy"),
+        1,
+        "found out again after a reload of the same file: {}",
+        w.log_text()
+    );
+    // A file routing elsewhere: served at once, and the view follows.
+    let before = applied(&w);
+    w.reload(|text| {
+        text.replace(
+            &format!("kernel_port = {}", dead.port()),
+            &format!("kernel_port = {}", live.addr.port()),
+        )
+    });
+    common::eventually("the second reload applied", || applied(&w) > before);
+    assert_eq!(Client::connect(w.addr()).get("/", "").status, 200);
+    common::eventually("healthy in the view", || {
+        state(&w).as_deref() == Some("healthy")
+    });
+}
+
 /// With `[admin] latency_histograms = false` nothing is observed and the histogram
 /// families are left out; the counters go on.
 #[test]

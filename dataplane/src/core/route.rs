@@ -135,6 +135,32 @@ impl Route {
         false
     }
 
+    /// Takes over `previous`'s passive health for each app address both route to
+    /// (the same circuit, changed); whether one is out of rotation.
+    fn carry_health(&self, previous: &Route) -> bool {
+        let old = previous.health.borrow();
+        if old.is_empty() {
+            return false;
+        }
+        let carried: Vec<Health> = self
+            .circuit
+            .upstreams
+            .iter()
+            .map(|(addr, _)| {
+                previous
+                    .circuit
+                    .upstreams
+                    .iter()
+                    .position(|(a, _)| a == addr)
+                    .and_then(|i| old.get(i).copied())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let out = carried.iter().any(|h| h.unhealthy_until.is_some());
+        *self.health.borrow_mut() = carried;
+        out
+    }
+
     /// Upstreams out of rotation with the time they come back.
     pub fn out_of_rotation(&self, now: Instant) -> Vec<(SocketAddr, Instant)> {
         let health = self.health.borrow();
@@ -193,13 +219,18 @@ impl RouteTable {
     /// upserted and removed — O(changed), whatever the table's size.
     pub fn apply(&mut self, change: &Change) {
         if change.replace {
-            for route in self.by_id.values() {
-                route.suspects.take();
+            // The circuits the new set does not name leave; the others are upserted
+            // as any deployment's, so one that did not change keeps its route.
+            let named: HashSet<uuid::Uuid> = change.upserts.iter().map(|c| c.circuit.id).collect();
+            let gone: Vec<uuid::Uuid> = self
+                .by_id
+                .keys()
+                .filter(|id| !named.contains(id))
+                .copied()
+                .collect();
+            for id in &gone {
+                self.remove(id);
             }
-            self.suspects.borrow_mut().clear();
-            self.by_port.clear();
-            self.by_subdomain.clear();
-            self.by_id.clear();
         }
         for id in &change.removes {
             self.remove(id);
@@ -209,14 +240,31 @@ impl RouteTable {
         }
     }
 
-    /// Adds or replaces one circuit (a replaced one may have moved frontend).
+    /// Adds or replaces one circuit (a replaced one may have moved frontend). A
+    /// circuit deployed again unchanged (a reload of the same file, a whole set read
+    /// again) keeps its route; a changed one keeps the passive health of each app
+    /// address it still routes to. Before, every deployment forgot both: an app
+    /// just taken out of rotation took requests again at the next reload.
     fn insert(&mut self, c: Arc<ResolvedCircuit>) {
         let id = c.circuit.id;
+        let previous = self.by_id.get(&id).cloned();
+        if previous
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(&p.circuit, &c) || *p.circuit == *c)
+        {
+            return;
+        }
         self.remove(&id);
         // Another circuit holding the same frontend loses it: the agent refuses such
         // sets, so this only keeps the table and its index consistent.
         let route = Rc::new(Route::new(c.clone()));
         route.suspects.replace(Some(self.suspects.clone()));
+        if let Some(previous) = previous {
+            if route.carry_health(&previous) {
+                // Still out of rotation: the active probe looks at it again.
+                self.suspects.borrow_mut().insert(id);
+            }
+        }
         let previous = match &c.frontend {
             Frontend::Port(p) => self.by_port.insert(*p, route.clone()),
             Frontend::Subdomain(s) => self.by_subdomain.insert(s.clone(), route.clone()),
@@ -465,7 +513,7 @@ route_info = [
         sick.record(addr, true, now, policy);
         assert!(table.take_suspects(now).is_empty());
 
-        // A circuit removed (or replaced, with fresh health) after its report: not listed.
+        // A circuit removed after its report: not listed.
         let other = table.get(&uuid::Uuid::from_u128(7)).expect("present");
         let other_addr = other.circuit.upstreams[0].0;
         other.record(other_addr, false, now, policy);
@@ -572,6 +620,15 @@ route_info = [
                 },
                 vec![resolved(4, Port(1004), 9004)],
             ),
+            // One naming that circuit unchanged and another beside it.
+            (
+                Change {
+                    replace: true,
+                    upserts: vec![resolved(4, Port(1004), 9004), resolved(5, sub("e"), 9005)],
+                    removes: Vec::new(),
+                },
+                vec![resolved(4, Port(1004), 9004), resolved(5, sub("e"), 9005)],
+            ),
         ];
         let mut table = RouteTable::new(&[], None);
         for (i, (change, whole)) in steps.iter().enumerate() {
@@ -586,6 +643,66 @@ route_info = [
         }
         assert!(table.get(&uuid::Uuid::from_u128(1)).is_none());
         assert_eq!(table.ports(), vec![1004]);
+    }
+
+    /// A deployment naming a circuit unchanged (a reload of the same file, a whole
+    /// set read again) keeps its route, passive health and all; a changed one keeps
+    /// the health of each app address it still routes to, and is the probe's
+    /// suspect again while one is out of rotation. Before, every deployment of a
+    /// circuit started its health afresh.
+    #[test]
+    fn a_circuit_deployed_again_keeps_what_passive_health_learnt() {
+        let id = uuid::Uuid::from_u128(1);
+        let policy = HealthPolicy {
+            threshold: 1,
+            backoff: std::time::Duration::from_secs(10),
+        };
+        let now = Instant::now();
+        let mut table = RouteTable::new(&[resolved(1, Frontend::Port(1001), 9001)], None);
+        let route = table.get(&id).expect("present");
+        let addr = route.circuit.upstreams[0].0;
+        assert!(route.record(addr, false, now, policy));
+        assert_eq!(table.take_suspects(now).len(), 1);
+        // The same circuit in another allocation, in a whole set and as an upsert.
+        for replace in [true, false] {
+            table.apply(&Change {
+                replace,
+                upserts: vec![resolved(1, Frontend::Port(1001), 9001)],
+                removes: Vec::new(),
+            });
+            let kept = table.get(&id).expect("present");
+            assert!(Rc::ptr_eq(&kept, &route), "replace: {replace}");
+            assert_eq!(kept.unhealthy(now), vec![addr]);
+        }
+        // Changed (another app beside it): the address stays out of rotation.
+        let mut changed = (*resolved(1, Frontend::Port(1001), 9001)).clone();
+        let other = SocketAddr::from(([127, 0, 0, 1], 9002));
+        changed.upstreams.push((other, 1.0));
+        table.apply(&Change {
+            replace: true,
+            upserts: vec![Arc::new(changed)],
+            removes: Vec::new(),
+        });
+        let now_route = table.get(&id).expect("present");
+        assert!(!Rc::ptr_eq(&now_route, &route));
+        assert_eq!(now_route.unhealthy(now), vec![addr]);
+        for i in 0..100 {
+            assert_eq!(now_route.pick(i as f64 / 100.0, now, None), Some(other));
+        }
+        let suspects = table.take_suspects(now);
+        assert_eq!(suspects.len(), 1, "a suspect again");
+        assert!(Rc::ptr_eq(&suspects[0], &now_route));
+        // Routed to another address only: nothing to carry.
+        table.apply(&Change {
+            upserts: vec![resolved(1, Frontend::Port(1001), 9003)],
+            ..Change::default()
+        });
+        let elsewhere = table.get(&id).expect("present");
+        assert!(elsewhere.unhealthy(now).is_empty());
+        assert!(table.take_suspects(now).is_empty());
+        // The old routes report nothing any more.
+        route.record(addr, false, now + policy.backoff, policy);
+        assert!(table.take_suspects(now).is_empty());
     }
 
     #[test]
