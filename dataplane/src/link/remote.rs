@@ -391,28 +391,41 @@ impl Client {
             Ok(httparse::Status::Partial) => return Err(cut_short()),
             Err(_) => return Err(Exchanged::Failed(LinkError::Response)),
         };
-        // A body shorter than the head announced was cut off the same way.
-        let announced = resp
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-            .and_then(|h| {
-                std::str::from_utf8(h.value)
-                    .ok()?
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
-            });
-        if announced.is_some_and(|len| raw.len() - n < len) && raw.len() < MAX_ANSWER as usize {
+        let status = resp.code.unwrap_or(0);
+        // The coordinator's answers have a plain length (never chunked, never a
+        // list): anything else is not read as one.
+        let mut framing = resp.headers.iter().filter(|h| {
+            h.name.eq_ignore_ascii_case("content-length")
+                || h.name.eq_ignore_ascii_case("transfer-encoding")
+        });
+        let announced = match (framing.next(), framing.next()) {
+            (None, _) => None,
+            (Some(h), None) if h.name.eq_ignore_ascii_case("content-length") => {
+                match std::str::from_utf8(h.value).map(str::trim) {
+                    Ok(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
+                        v.parse::<usize>().ok()
+                    }
+                    _ => return Err(Exchanged::Failed(LinkError::Response)),
+                }
+            }
+            _ => return Err(Exchanged::Failed(LinkError::Response)),
+        };
+        // A body shorter than the head announced was cut off the same way, when
+        // another coordinator may serve the call: a success (the call is made again:
+        // every call the agent makes may be) or a server error. Any other status is
+        // the call's own answer however much of its text came.
+        let short =
+            announced.is_some_and(|len| raw.len() - n < len) && raw.len() < MAX_ANSWER as usize;
+        if short && ((200..300).contains(&status) || status >= 500) {
             return Err(cut_short());
         }
-        let status = resp.code.unwrap_or(0);
         if !(200..300).contains(&status) {
             let text = String::from_utf8_lossy(&raw[n..]);
             let e = LinkError::Status(status, text.chars().take(300).collect());
-            // A server error is this coordinator's trouble; another may serve the
+            // A server error is this coordinator's trouble, and so is a 408 (it gave
+            // up waiting for the request, which it never ran): another may serve the
             // call. Any other answer is the call's own (a 409 `node-left`, a 404).
-            return Err(if status >= 500 {
+            return Err(if status >= 500 || status == 408 {
                 Exchanged::Unserved(e)
             } else {
                 Exchanged::Failed(e)
@@ -835,6 +848,9 @@ mod tests {
             &b""[..],
             b"HTTP/1.1 200 OK\r\nContent-Le",
             b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}",
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 10\r\n\r\n{}",
+            // It gave up waiting for the request (never ran it).
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 2\r\n\r\n{}",
         ] {
             let (a, b) = (closing_after(answer), answering());
             let client = Client::new(&format!("http://{a}, http://{b}"), "s".into(), "n".into())
@@ -848,21 +864,31 @@ mod tests {
             assert_eq!(second.expect(&shown), b"{}", "{shown}");
             assert_eq!(client.current.load(Ordering::Relaxed), 1, "{shown}");
         }
-        // An answer that does not read is the coordinator's answer: not passed over.
-        let c = Client::new(
-            &format!(
-                "http://{}, http://{}",
-                closing_after(b"HTTP/9 x\r\n\r\n"),
-                answering()
-            ),
-            "s".into(),
-            "n".into(),
-        )
-        .expect("urls");
+        // The call's own answer, however much of its text came, and an answer that
+        // does not read (another framing than a plain length included): not passed
+        // over.
+        let own = |answer: &'static [u8]| {
+            let c = Client::new(
+                &format!("http://{}, http://{}", closing_after(answer), answering()),
+                "s".into(),
+                "n".into(),
+            )
+            .expect("urls");
+            rt.block_on(c.call("GET", "/api/x", b""))
+        };
         assert!(matches!(
-            rt.block_on(c.call("GET", "/api/x", b"")),
-            Err(LinkError::Response)
+            own(b"HTTP/1.1 409 Conflict\r\nContent-Length: 50\r\n\r\n{\"error\""),
+            Err(LinkError::Status(409, _))
         ));
+        for answer in [
+            &b"HTTP/9 x\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\n{}",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+        ] {
+            let shown = String::from_utf8_lossy(answer);
+            assert!(matches!(own(answer), Err(LinkError::Response)), "{shown}");
+        }
     }
 
     /// A call cut off by the coordinator it went to is made again on the next
