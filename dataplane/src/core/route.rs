@@ -142,17 +142,20 @@ impl Route {
         if old.is_empty() {
             return false;
         }
-        let carried: Vec<Health> = self
-            .circuit
-            .upstreams
+        let ups = &self.circuit.upstreams;
+        // By the first entry of each address, as `record` keeps it (an address
+        // listed twice is judged by its first entry).
+        let first = |list: &[(SocketAddr, f64)], addr: &SocketAddr| {
+            list.iter().position(|(a, _)| a == addr)
+        };
+        let carried: Vec<Health> = ups
             .iter()
-            .map(|(addr, _)| {
-                previous
-                    .circuit
-                    .upstreams
-                    .iter()
-                    .position(|(a, _)| a == addr)
-                    .and_then(|i| old.get(i).copied())
+            .enumerate()
+            .map(|(i, (addr, _))| {
+                (first(ups, addr) == Some(i))
+                    .then(|| first(&previous.circuit.upstreams, addr))
+                    .flatten()
+                    .and_then(|j| old.get(j).copied())
                     .unwrap_or_default()
             })
             .collect();
@@ -692,6 +695,16 @@ route_info = [
         let suspects = table.take_suspects(now);
         assert_eq!(suspects.len(), 1, "a suspect again");
         assert!(Rc::ptr_eq(&suspects[0], &now_route));
+        // An address listed twice is judged by its first entry, as `record` keeps
+        // it: the second does not inherit a back-off no success would clear.
+        let mut twice = (*now_route.circuit).clone();
+        twice.upstreams.push((addr, 1.0));
+        table.apply(&Change {
+            upserts: vec![Arc::new(twice)],
+            ..Change::default()
+        });
+        assert_eq!(table.get(&id).expect("present").unhealthy(now), vec![addr]);
+        table.take_suspects(now);
         // Routed to another address only: nothing to carry.
         table.apply(&Change {
             upserts: vec![resolved(1, Frontend::Port(1001), 9003)],
