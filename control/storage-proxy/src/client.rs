@@ -1011,17 +1011,39 @@ fn discard(state: &State, s: &Session, e: ApiError) -> ApiError {
     state.reservations.removed(&s.scope_key);
     state.folders.changed(&s.folder_key);
     tracing::info!(session = %s.id, error = %e, "upload cannot be completed: discarded, its reservation released");
-    const DISCARDED: &str = "the upload was discarded and its reservation released";
     // The refusal keeps its kind and gets the note: its message is not wrapped in
     // another refusal's, whose prefix it already carries ("Invalid API
     // parameters: Invalid API parameters: …", "filesystem error: filesystem
     // error: …").
     match e {
-        ApiError::Io(io) => {
-            ApiError::Io(std::io::Error::new(io.kind(), format!("{io}; {DISCARDED}")))
-        }
+        ApiError::Io(io) => ApiError::Io(discarded_note(io)),
         ApiError::Params(why) => ApiError::Params(format!("{why}; {DISCARDED}")),
         e => ApiError::Params(format!("{e}; {DISCARDED}")),
+    }
+}
+
+/// What is said of an upload discarded.
+const DISCARDED: &str = "the upload was discarded and its reservation released";
+
+/// `io` with the note that the upload was discarded, its kind, system error number
+/// and words kept underneath (the answer's `errno` and `msg`).
+pub(crate) fn discarded_note(io: std::io::Error) -> std::io::Error {
+    std::io::Error::new(io.kind(), Noted(io))
+}
+
+/// An error given the note that its upload was discarded.
+#[derive(Debug)]
+struct Noted(std::io::Error);
+
+impl std::fmt::Display for Noted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; {DISCARDED}", self.0)
+    }
+}
+
+impl std::error::Error for Noted {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
     }
 }
 

@@ -411,6 +411,16 @@ impl ApiError {
         Self::Archive(e)
     }
 
+    /// The filesystem error this is, or carries (a completion despite a cut: the
+    /// cut's).
+    fn io(&self) -> Option<&std::io::Error> {
+        match self {
+            Self::Io(e) => Some(e),
+            Self::CompletedDespite { cut, .. } => cut.io(),
+            _ => None,
+        }
+    }
+
     fn status_and_kind(&self) -> (StatusCode, &'static str) {
         match self {
             Self::MissingToken | Self::InvalidToken => (StatusCode::FORBIDDEN, "forbidden"),
@@ -497,9 +507,9 @@ impl IntoResponse for ApiError {
         // The original's fields for a filesystem error, beside the problem's:
         // `msg` (the system's words), `errno`, and `paths`, which stays empty here:
         // the original named host paths, which are never told.
-        if let (Self::Io(e), Some(fields)) = (&self, body.as_object_mut()) {
+        if let (Some(e), Some(fields)) = (self.io(), body.as_object_mut()) {
             fields.insert("msg".into(), strerror(e).into());
-            fields.insert("errno".into(), e.raw_os_error().into());
+            fields.insert("errno".into(), os_error(e).into());
             fields.insert("paths".into(), serde_json::json!([]));
         }
         let mut resp = (status, axum::Json(body)).into_response();
@@ -507,7 +517,7 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("5"));
         }
-        if matches!(&self, Self::Locked(_)) || matches!(&self, Self::Io(e) if transient(e)) {
+        if matches!(&self, Self::Locked(_)) || self.io().is_some_and(transient) {
             resp.headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));
         }
@@ -515,20 +525,42 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// An error that passes on its own: the kernel's `EAGAIN` (a resolution through
-/// `..` racing renames or mounts on every try) and `EBUSY`.
+/// An error that passes on its own: the kernel's `EAGAIN` from a resolution
+/// through `..` that met a rename or mount anywhere on the host on each of its
+/// tries ([`fsx::openat2`]). (`EBUSY` does not: a mount point or a file in use stays
+/// so.)
 fn transient(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(n) if n == rustix::io::Errno::AGAIN.raw_os_error() || n == rustix::io::Errno::BUSY.raw_os_error())
+    os_error(e) == Some(rustix::io::Errno::AGAIN.raw_os_error())
 }
 
-/// What the system says of `e`, without the " (os error N)" std adds.
+/// The system's error number of `e`, or of the error it carries (one given a note,
+/// as a discarded upload's is).
+fn os_error(e: &std::io::Error) -> Option<i32> {
+    e.raw_os_error().or_else(|| {
+        let mut inner: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|r| r as _);
+        while let Some(err) = inner {
+            if let Some(n) = err
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::raw_os_error)
+            {
+                return Some(n);
+            }
+            inner = err.source();
+        }
+        None
+    })
+}
+
+/// What the system says of `e` (of the error it carries), without the " (os error
+/// N)" std adds; the text itself for an error of the proxy's own.
 fn strerror(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    match e.raw_os_error() {
-        Some(n) => text
-            .strip_suffix(&format!(" (os error {n})"))
-            .map_or(text.clone(), str::to_owned),
-        None => text,
+    match os_error(e) {
+        Some(n) => {
+            let text = std::io::Error::from_raw_os_error(n).to_string();
+            text.strip_suffix(&format!(" (os error {n})"))
+                .map_or(text.clone(), str::to_owned)
+        }
+        None => e.to_string(),
     }
 }
 
@@ -1140,26 +1172,46 @@ mod tests {
     /// where they were a 400 that told the caller its request was wrong.
     #[test]
     fn a_transient_filesystem_error_is_busy_not_the_callers_fault() {
-        for errno in [rustix::io::Errno::AGAIN, rustix::io::Errno::BUSY] {
+        let again = || std::io::Error::from_raw_os_error(rustix::io::Errno::AGAIN.raw_os_error());
+        let e = ApiError::from(again());
+        assert_eq!(
+            e.status_and_kind(),
+            (StatusCode::SERVICE_UNAVAILABLE, "busy")
+        );
+        let resp = e.into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(resp.headers().contains_key("retry-after"));
+        // An upload complete despite such a cut: its status, and the note to retry.
+        let resp = ApiError::CompletedDespite {
+            cut: Box::new(ApiError::from(again())),
+            size: 1,
+        }
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(resp.headers().contains_key("retry-after"));
+        // A mount point or a file in use stays so: not busy.
+        for errno in [rustix::io::Errno::NOTDIR, rustix::io::Errno::BUSY] {
             let e = ApiError::from(std::io::Error::from_raw_os_error(errno.raw_os_error()));
             assert_eq!(
                 e.status_and_kind(),
-                (StatusCode::SERVICE_UNAVAILABLE, "busy")
+                (StatusCode::BAD_REQUEST, "filesystem-error")
             );
-            let resp = e.into_response();
-            assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-            assert!(resp.headers().contains_key("retry-after"));
         }
-        let e = ApiError::from(std::io::Error::from_raw_os_error(
-            rustix::io::Errno::NOTDIR.raw_os_error(),
-        ));
-        assert_eq!(
-            e.status_and_kind(),
-            (StatusCode::BAD_REQUEST, "filesystem-error")
-        );
         assert_eq!(
             strerror(&std::io::Error::from_raw_os_error(20)),
             "Not a directory"
+        );
+        // A note given to an OS error keeps its number and words underneath.
+        let noted = client::discarded_note(std::io::Error::from_raw_os_error(21));
+        assert_eq!(
+            (os_error(&noted), strerror(&noted).as_str()),
+            (Some(21), "Is a directory")
+        );
+        assert!(noted.to_string().contains("discarded"), "{noted}");
+        let own = std::io::Error::other("too costly to resolve");
+        assert_eq!(
+            (os_error(&own), strerror(&own).as_str()),
+            (None, "too costly to resolve")
         );
     }
 }
