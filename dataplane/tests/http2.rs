@@ -781,8 +781,9 @@ fn interim_responses_reach_http2_clients() {
 }
 
 /// A stream refused before its head is rendered (two `host` fields and no
-/// `:authority`, an HTTP/1.1 400) keeps the client's request ID: on the answer's
-/// access line and on the "refused" log line, as HTTP/1.1 refusals do.
+/// `:authority`, an HTTP/1.1 400) keeps the client's request ID and trace: on the
+/// answer's access line and on the "refused" log line, as HTTP/1.1 refusals do
+/// (the trace: before, none).
 #[test]
 fn a_stream_refused_early_keeps_the_clients_request_id() {
     use appproxy_test_support::h2frames::{
@@ -802,11 +803,20 @@ fn a_stream_refused_early_keeps_the_clients_request_id() {
         (b"host", b"a.test"),
         (b"host", b"b.test"),
         (b"x-backend-request-id", b"client-id-42"),
+        (
+            b"traceparent",
+            b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ),
     ]);
     s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &head))
         .expect("write");
     let line = w.wait_access_line("client-id-42");
     assert_eq!(line["status"], 400, "{line}");
+    assert_eq!(
+        line["trace_id"], "0af7651916cd43dd8448eb211c80319c",
+        "{line}"
+    );
+    assert_eq!(line["parent_span_id"], "b7ad6b7169203331", "{line}");
     let refused: Vec<serde_json::Value> = w
         .log_json()
         .into_iter()
@@ -814,7 +824,8 @@ fn a_stream_refused_early_keeps_the_clients_request_id() {
         .collect();
     assert!(!refused.is_empty(), "{}", w.log_text());
     assert!(
-        refused.iter().all(|v| v["request_id"] == "client-id-42"),
+        refused.iter().all(|v| v["request_id"] == "client-id-42"
+            && v["trace_id"] == "0af7651916cd43dd8448eb211c80319c"),
         "{refused:?}"
     );
 }

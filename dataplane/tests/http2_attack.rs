@@ -1438,6 +1438,101 @@ fn streams_that_trickle_a_body_hold_no_more_app_connections_than_their_share() {
     drop(s);
 }
 
+/// Streams that announce a body and never send it hold a place in the core's
+/// budget of streams to apps (their parsed heads are the memory it bounds), but
+/// nothing else: when the budget is full, a stream that needs a place makes room
+/// by ending the one that has waited longest for its body (503 `app_stream_limit`),
+/// as the connection cap closes the connection idle the longest. An address at its
+/// share makes no room. Before, a few addresses (five with the defaults, one
+/// /56 of IPv6) holding such streams, some 40 bytes each, refused every other
+/// HTTP/2 client of the core with 503 until the body timer, and again as they came
+/// back.
+#[test]
+fn streams_waiting_for_a_body_make_room_for_others_when_the_budget_is_full() {
+    let up = Upstream::start();
+    let w = worker(
+        &up,
+        "[timeouts]\nbody_idle_secs = 60\n[http2]\nmax_app_streams = 8\n",
+    );
+    // From five addresses, streams that announce a body and send none: the first
+    // takes half the budget, the others their share (1 each: at most an eighth of
+    // the budget); the next stream of each is refused for its share, which says
+    // the ones before it were placed.
+    let mut conns = Vec::new();
+    for (octet, placed) in [(1u8, 4u32), (2, 1), (3, 1), (4, 1), (5, 1)] {
+        let from = std::net::Ipv4Addr::new(127, 0, 0, octet);
+        let mut s = appproxy_test_support::net::connect_from(from, w.addr()).expect("connect");
+        s.set_write_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(&client_hello()).expect("preface");
+        for i in 1..=placed + 1 {
+            let id = format!("wait-{octet}-{i}");
+            let block = appproxy_test_support::h2frames::request(
+                "POST",
+                "/upload",
+                &[
+                    (b"content-length", b"5"),
+                    (b"x-backend-request-id", id.as_bytes()),
+                ],
+            );
+            s.write_all(&frame(HEADERS, END_HEADERS, 2 * i - 1, &block))
+                .expect("headers");
+        }
+        let over = format!("wait-{octet}-{}", placed + 1);
+        assert_eq!(w.wait_access_line(&over)["status"], 503, "{over}");
+        conns.push(s);
+    }
+    // The budget is full. A client at a sixth address is served: the stream that
+    // waited longest made room.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--http2-prior-knowledge",
+            "--interface",
+            "127.0.0.6",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "x-backend-request-id: served-6",
+        ])
+        .arg(format!("http://127.0.0.1:{}/", w.port))
+        .output()
+        .expect("curl must be installed (.ci/run installs it)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made_room = w.wait_access_line("wait-1-1");
+    assert_eq!(made_room["status"], 503, "{made_room}");
+    assert_eq!(made_room["method"], "POST");
+    // Only that one: the refusals for a share made no room, and the others wait on.
+    let ended: Vec<String> = w
+        .log_json()
+        .iter()
+        .filter(|l| l["target"] == "access")
+        .filter_map(|l| l["request_id"].as_str().map(str::to_owned))
+        .filter(|id| id.starts_with("wait-"))
+        .collect();
+    let mut ended = ended;
+    ended.sort();
+    assert_eq!(
+        ended,
+        ["wait-1-1", "wait-1-5", "wait-2-2", "wait-3-2", "wait-4-2", "wait-5-2"],
+        "{}",
+        w.log_text()
+    );
+    assert!(w
+        .log_text()
+        .contains("a stream still waiting for its body made room for another"));
+    drop(conns);
+}
+
 /// Uploads the worker refuses (its 413 for a declared length past `max_body`) end
 /// with `RST_STREAM(NO_ERROR)` while the client's DATA is still in flight. Such late
 /// frames are dropped quietly for a while, however many streams were refused in a

@@ -116,6 +116,18 @@ impl FairShare {
         }
     }
 
+    /// Whether a client at `ip` holds its share now (half the slots or more are
+    /// taken, and it holds `per_address`): it would be refused a slot even if one
+    /// were free.
+    pub fn holds_share(&self, ip: IpAddr) -> bool {
+        let held = self.held();
+        held.total >= self.max / 2
+            && held
+                .by_address
+                .get(&ClientKey::of(ip))
+                .is_some_and(|&mine| mine >= self.per_address)
+    }
+
     /// Slots taken now.
     pub fn taken(&self) -> usize {
         self.held().total
@@ -200,6 +212,10 @@ mod tests {
         held.push(share.take(ip("10.0.0.5")).expect("the last slot"));
         assert_eq!(share.taken(), 8);
         assert_eq!(share.take(ip("10.0.0.6")).err(), Some(Refused::Full));
+        // Full, `a` would be refused for its share even with a slot free; an
+        // address holding none would not.
+        assert!(share.holds_share(a) && share.holds_share(ip("10.0.0.2")));
+        assert!(!share.holds_share(ip("10.0.0.6")));
         // Slots come back when dropped, and the address with them.
         held.clear();
         assert_eq!(share.taken(), 0);

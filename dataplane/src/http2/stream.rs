@@ -217,7 +217,8 @@ pub async fn handle(
             s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https")
         });
     // Refused before its head is rendered and parsed: under the client's request
-    // ID all the same (its fields are parsed already), logged as HTTP/1.1's are.
+    // ID and in its trace all the same (its fields are parsed already: one valid
+    // `traceparent`, as for a parsed head), logged as HTTP/1.1's are.
     let refused_early = |e: RequestError| {
         let id = proxy::exchange::request_id(
             &core,
@@ -227,32 +228,48 @@ pub async fn handle(
                 .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
         );
         ctx.note_id(id);
+        let mut lines = parts
+            .headers
+            .get_all(appproxy_shared::trace::TRACEPARENT)
+            .iter();
+        let incoming = match (lines.next(), lines.next()) {
+            (Some(v), None) => appproxy_shared::trace::TraceParent::parse(v.as_bytes()).ok(),
+            _ => None,
+        };
+        let span = core
+            .rt
+            .trace_context
+            .then(|| appproxy_shared::trace::SpanContext::start(incoming.as_ref(), Some(&id)));
         let err = ProxyError::Request(e);
-        appproxy_shared::with_request_id(Some(id), || {
+        appproxy_shared::with_request_context(Some(id), span, || {
             tracing::info!(error = %err, "HTTP/2 request refused");
         });
-        (id, err)
+        (id, span, err)
     };
-    if !target_ok {
-        let (id, err) = refused_early(RequestError::Malformed("request target"));
-        let line = Line::new(&method, &path, started, ctx.hop.peer.ip());
-        refuse(&ctx, &mut respond, grpc, &err.into(), &id, None, &line).await;
-        return;
-    }
+    let early = match target_ok {
+        false => Some(RequestError::Malformed("request target")),
+        true => None,
+    };
     let mut buf = Vec::with_capacity(512);
-    render_head(&parts, body.is_end_stream(), &mut buf);
-    let head = match parse::parse_request(&buf, &core.rt.head_limits) {
-        Ok(Some(h)) => h,
-        Ok(None) => {
-            let (id, err) = refused_early(RequestError::Malformed("request head incomplete"));
-            let line = Line::new(&method, &path, started, ctx.hop.peer.ip());
-            refuse(&ctx, &mut respond, grpc, &err.into(), &id, None, &line).await;
-            return;
+    let parsed = match early {
+        Some(e) => Err(e),
+        None => {
+            render_head(&parts, body.is_end_stream(), &mut buf);
+            match parse::parse_request(&buf, &core.rt.head_limits) {
+                Ok(Some(h)) => Ok(h),
+                Ok(None) => Err(RequestError::Malformed("request head incomplete")),
+                Err(e) => Err(e),
+            }
         }
+    };
+    let head = match parsed {
+        Ok(h) => h,
         Err(e) => {
-            let (id, err) = refused_early(e);
+            let (id, span, err) = refused_early(e);
             let line = Line::new(&method, &path, started, ctx.hop.peer.ip());
-            refuse(&ctx, &mut respond, grpc, &err.into(), &id, None, &line).await;
+            let refusal = err.into();
+            let refused = refuse(&ctx, &mut respond, grpc, &refusal, &id, None, &line);
+            appproxy_shared::scope_traced(Some(id), span, refused).await;
             return;
         }
     };
@@ -853,14 +870,28 @@ async fn forward_h1(
     // streams that announce a body and never send it, each holding its parsed head
     // (tens of KiB with HPACK's help, for a few bytes on the wire), could take
     // gigabytes across a client's connections.
-    let _slot = super::upstream::AppStreamSlot::take(core, &ctx.hop)?;
+    let _slot = super::upstream::AppStreamSlot::take_making_room(core, &ctx.hop).await?;
     // As on the HTTP/1.1 path (`await_body`): an app connection is taken or opened
     // only once the body's first bytes are in (or it ended empty). A stream that
     // announces a body and sends none holds its own stream and its place, under the
-    // body timers, and no app connection.
+    // body timers, and no app connection: the first to go when a stream needs its
+    // place ([`super::upstream::Waiting`]).
     let mut floor = BodyFloor::new(core);
     let first = if has_body {
-        first_body_bytes(ctx, &mut body, &mut floor).await?
+        let waiting = super::upstream::Waiting::enter();
+        let first = waiting
+            .made_room
+            .unless_fired(first_body_bytes(ctx, &mut body, &mut floor))
+            .await;
+        match first {
+            Some(first) => first?,
+            None => {
+                tracing::info!("a stream still waiting for its body made room for another");
+                core.metrics
+                    .add(crate::core::counter::H2_APP_STREAM_LIMIT, 1);
+                return Err(Fail::Answer(ProxyError::AppStreamLimit));
+            }
+        }
     } else {
         None
     };

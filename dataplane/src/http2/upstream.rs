@@ -62,6 +62,59 @@ thread_local! {
     /// This core's places for streams to HTTP/2 apps ([`AppStreamSlot`]), made
     /// from its configuration at the first stream.
     static APP_STREAMS: std::cell::OnceCell<std::sync::Arc<FairShare>> = const { std::cell::OnceCell::new() };
+    /// The streams of this core holding a place while they wait for their body's
+    /// first bytes, holding nothing else ([`Waiting`]), oldest first.
+    static WAITING: RefCell<std::collections::BTreeMap<u64, Rc<crate::signal::Signal>>> =
+        const { RefCell::new(std::collections::BTreeMap::new()) };
+    static WAITING_SEQ: Cell<u64> = const { Cell::new(0) };
+}
+
+/// A stream holding a place in the core's budget while it waits for its body's
+/// first bytes (to an HTTP/1.1 app, which it is given only then): it holds no app
+/// connection, only its parsed head, so when the budget is full a stream that
+/// needs a place makes room by ending the one that has waited longest
+/// ([`AppStreamSlot::take_making_room`]), as the connection cap closes the
+/// connection idle the longest. Before, streams announcing a body they never sent
+/// held their places until the body timer (a minute), some 40 bytes each: five
+/// addresses filled a core's budget, and every other HTTP/2 client got 503 for
+/// as long as they kept it up. Removed from the list when dropped.
+pub(super) struct Waiting {
+    seq: u64,
+    /// Fired to make room.
+    pub(super) made_room: Rc<crate::signal::Signal>,
+}
+
+impl Waiting {
+    /// Enters the list.
+    pub(super) fn enter() -> Self {
+        let seq = WAITING_SEQ.with(|s| {
+            let n = s.get() + 1;
+            s.set(n);
+            n
+        });
+        let made_room = Rc::new(crate::signal::Signal::default());
+        WAITING.with(|w| w.borrow_mut().insert(seq, made_room.clone()));
+        Self { seq, made_room }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        WAITING.with(|w| w.borrow_mut().remove(&self.seq));
+    }
+}
+
+/// Ends the stream that has waited longest for its body's first bytes, if one
+/// does: whether one did.
+fn make_room() -> bool {
+    let oldest = WAITING.with(|w| w.borrow_mut().pop_first());
+    match oldest {
+        Some((_, signal)) => {
+            signal.fire();
+            true
+        }
+        None => false,
+    }
 }
 
 /// One stream's place in the core's budget of streams from HTTP/2 clients to apps
@@ -81,8 +134,46 @@ pub struct AppStreamSlot {
 
 impl AppStreamSlot {
     /// A place for a stream of `hop`'s client (trusted proxies are held only to
-    /// the core's budget: their clients are many), or `AppStreamLimit`.
-    pub(super) fn take(core: &Core, hop: &ClientHop) -> Result<Self, Fail> {
+    /// the core's budget: their clients are many), or `AppStreamLimit`. With the
+    /// budget full, room is made by ending the stream that has waited longest for
+    /// its body's first bytes, when one does ([`Waiting`]): it gives its place back
+    /// as soon as it runs, which this lets it do. An address at its share makes no
+    /// room.
+    pub(super) async fn take_making_room(core: &Core, hop: &ClientHop) -> Result<Self, Fail> {
+        let refused = match Self::try_take(core, hop) {
+            Ok(slot) => return Ok(slot),
+            Err(refused) => refused,
+        };
+        // Only for a client that would get a place were one free.
+        let may_make_room = refused == appproxy_shared::fair_share::Refused::Full
+            && (hop.trusted
+                || !APP_STREAMS.with(|a| a.get().is_some_and(|s| s.holds_share(hop.peer.ip()))));
+        if may_make_room && make_room() {
+            // The stream ended runs on this core: a few turns of its queue.
+            for _ in 0..8 {
+                futures_lite::future::yield_now().await;
+                if let Ok(slot) = Self::try_take(core, hop) {
+                    return Ok(slot);
+                }
+            }
+        }
+        Err(Self::refused(core, hop))
+    }
+
+    /// Counts and logs a stream refused a place; its answer.
+    fn refused(core: &Core, hop: &ClientHop) -> Fail {
+        core.metrics
+            .add(crate::core::counter::H2_APP_STREAM_LIMIT, 1);
+        let taken = APP_STREAMS.with(|a| a.get().map_or(0, |s| s.taken()));
+        tracing::debug!(client = %hop.peer.ip(), taken, "no place for another stream to an app ([http2] max_app_streams, max_app_streams_per_address)");
+        Fail::Answer(ProxyError::AppStreamLimit)
+    }
+
+    /// A place, or why none was given.
+    fn try_take(
+        core: &Core,
+        hop: &ClientHop,
+    ) -> Result<Self, appproxy_shared::fair_share::Refused> {
         let cfg = &core.rt.http2;
         let taken = APP_STREAMS.with(|a| {
             // The core's budget: `max_app_streams`, within the descriptor limit; an
@@ -98,17 +189,8 @@ impl AppStreamSlot {
             } else {
                 share.take(hop.peer.ip())
             }
-            .map_err(|_| share.taken())
         });
-        match taken {
-            Ok(slot) => Ok(Self { _slot: slot }),
-            Err(taken) => {
-                core.metrics
-                    .add(crate::core::counter::H2_APP_STREAM_LIMIT, 1);
-                tracing::debug!(client = %hop.peer.ip(), taken, "no place for another stream to an app ([http2] max_app_streams, max_app_streams_per_address)");
-                Err(Fail::Answer(ProxyError::AppStreamLimit))
-            }
-        }
+        taken.map(|slot| Self { _slot: slot })
     }
 }
 
@@ -758,7 +840,7 @@ pub async fn open_stream(
     trace: Option<crate::trace::Hop>,
     end: bool,
 ) -> Result<Opened, Fail> {
-    let slot = AppStreamSlot::take(core, &hop)?;
+    let slot = AppStreamSlot::take_making_room(core, &hop).await?;
     let addr = pick(core, route, None)?;
     let (mut sender, guard, addr) = sender_route(core, route, addr, req.side).await?;
     let tls = proxy::kind_of(route, addr).tls.is_some();
