@@ -440,7 +440,7 @@ async fn download(
                     "a directory: add archive=true for a zip".into(),
                 ));
             }
-            let permit = archive_slot(&state, peer.ip())?;
+            let permit = archive_slot(&state, peer.ip()).await?;
             tracing::info!(dir = %name, "archive download");
             let archive =
                 super::zip::first_bytes(super::zip::stream_dir(fd, at_root, state.stall, permit))
@@ -539,13 +539,13 @@ async fn download(
 /// manager call waited behind them. Once half the slots are taken, an address that
 /// holds its share (`max_archive_streams_per_address`) gets 503 too: one client
 /// could otherwise take every slot and refuse archives to everyone else.
-fn archive_slot(
+async fn archive_slot(
     state: &State,
     peer: std::net::IpAddr,
-) -> Result<appproxy_shared::fair_share::Slot, ApiError> {
+) -> Result<super::archive_slots::ArchivePermit, ApiError> {
     use appproxy_shared::fair_share::Refused;
     let slots = &state.archives;
-    slots.take(peer).map_err(|why| {
+    slots.take(peer).await.map_err(|why| {
         ApiError::Busy(match why {
             Refused::Full => format!(
                 "{} archive downloads are streaming, the most allowed at once ([storage] max_archive_streams): retry later",
@@ -588,7 +588,7 @@ async fn download_archive(
                 .and_then(|f| Ok(fsx::components(f)?))
         })
         .collect::<Result<_, _>>()?;
-    let permit = archive_slot(&state, peer.ip())?;
+    let permit = archive_slot(&state, peer.ip()).await?;
     let filename = c
         .get("filename")
         .and_then(|v| v.as_str())

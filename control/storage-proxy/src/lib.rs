@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod archive_slots;
 pub mod client;
 pub mod config;
 pub mod fsx;
@@ -72,7 +73,7 @@ pub struct State {
     /// max_archive_streams`): each holds a blocking thread while it waits for its
     /// client, and the blocking pool serves every file operation. Once half are
     /// taken, a client address holds at most its share ([`ARCHIVE_SHARE`]).
-    pub archives: Arc<appproxy_shared::fair_share::FairShare>,
+    pub archives: Arc<archive_slots::ArchiveSlots>,
     /// tus sessions with a PATCH in progress (a second one gets 409).
     pub uploading: Mutex<HashSet<String>>,
     /// tus sessions completed lately, so that a client which lost the last answer
@@ -837,7 +838,7 @@ pub fn state_with_events(
                 .storage
                 .max_archive_streams_per_address
                 .unwrap_or(max / ARCHIVE_SHARE);
-            appproxy_shared::fair_share::FairShare::new(max, per_address)
+            archive_slots::ArchiveSlots::new(max, per_address)
         },
         uploading: Mutex::new(HashSet::new()),
         completed: client::Completed::new(client::MAX_COMPLETED),

@@ -182,7 +182,7 @@ pub fn stream_dir(
     root: OwnedFd,
     skip_staging: bool,
     stall: Duration,
-    permit: appproxy_shared::fair_share::Slot,
+    permit: crate::archive_slots::ArchivePermit,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
     stream_items(
         vec![Item::Dir(root, Vec::new())],
@@ -221,18 +221,21 @@ pub fn stream_items(
     items: Vec<Item>,
     skip_staging: bool,
     stall: Duration,
-    permit: appproxy_shared::fair_share::Slot,
+    permit: crate::archive_slots::ArchivePermit,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
     let finished = Arc::new(AtomicBool::new(false));
     let done = finished.clone();
     appproxy_shared::context::spawn_blocking(move || {
-        let _permit = permit;
         // The listed paths are resolved again as their turn comes: within a budget
         // of their own, as the check before the first byte was.
         let written = fsx::resolving(|| {
-            Writer::new(&tx, LIMIT, stall).and_then(|mut w| w.archive(items, skip_staging))
+            Writer::new(&tx, LIMIT, stall).and_then(|mut w| {
+                w.watch = Some(permit.streaming.clone());
+                w.archive(items, skip_staging)
+            })
         });
+        drop(permit);
         match written {
             Ok(()) => done.store(true, Ordering::Release),
             Err(e) => {
@@ -927,6 +930,9 @@ struct Writer<'a> {
     /// The bytes given to deflate so far (trials included), held to
     /// [`DEFLATE_RATIO`] times the bytes sent plus [`DEFLATE_SLACK`].
     deflated: u64,
+    /// The stream as its slot sees it: told what is sent, and cut through it to
+    /// make room for another archive ([`crate::archive_slots`]).
+    watch: Option<Arc<crate::archive_slots::Streaming>>,
 }
 
 impl<'a> Writer<'a> {
@@ -947,6 +953,7 @@ impl<'a> Writer<'a> {
             stall,
             names: Names::default(),
             deflated: 0,
+            watch: None,
         })
     }
 
@@ -967,12 +974,37 @@ impl<'a> Writer<'a> {
 
     /// Hands a chunk to the response body, waiting at most `stall` for room.
     fn send(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
-        self.offset += bytes.len() as u64;
+        let cut = || {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client took bytes too slowly while every archive slot was wanted: cut to make room for another",
+            )
+        };
+        if self.watch.as_ref().is_some_and(|w| w.is_cut()) {
+            return Err(cut());
+        }
+        let n = bytes.len() as u64;
+        self.offset += n;
         let chunk = Ok(Bytes::from(bytes));
         let sent = match tokio::runtime::Handle::try_current() {
-            Ok(rt) => rt.block_on(tokio::time::timeout(self.stall, self.tx.send(chunk))),
+            Ok(rt) => {
+                let send = tokio::time::timeout(self.stall, self.tx.send(chunk));
+                match &self.watch {
+                    Some(w) => rt.block_on(async {
+                        tokio::select! {
+                            sent = send => Some(sent),
+                            () = w.cut_off() => None,
+                        }
+                    }),
+                    None => Some(rt.block_on(send)),
+                }
+                .ok_or_else(cut)?
+            }
             Err(_) => Ok(self.tx.blocking_send(chunk)),
         };
+        if let (Ok(Ok(())), Some(w)) = (&sent, &self.watch) {
+            w.sent(n);
+        }
         match sent {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(std::io::Error::other("client went away")),

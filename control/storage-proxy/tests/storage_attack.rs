@@ -1544,6 +1544,61 @@ fn archives_past_the_cap_are_refused_so_slow_clients_never_hold_every_thread() {
     drop(slow);
 }
 
+/// A client that takes an archive's bytes slowly (found from outside: 256 KiB every
+/// 5 s, under the stall timeout every time) held its slot for as long as the
+/// archive lasts, and a few addresses doing so refused every other user's archive
+/// with 503 for as long as they liked. With every slot taken, a new archive now
+/// cuts the slowest stream that has run past the grace below the floor rate and
+/// takes its slot; within the grace the new archive is refused as before.
+#[test]
+fn a_slow_archive_makes_room_for_another_once_past_the_grace() {
+    use appproxy_storage_proxy::archive_slots::GRACE;
+    let p = Proxy::start("max_archive_streams = 2\nstall_timeout_secs = 600\n");
+    create_folder(&p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir(vf.join("big")).expect("big");
+    std::fs::write(vf.join("big/noise.bin"), incompressible(32 << 20)).expect("noise");
+    std::fs::create_dir(vf.join("little")).expect("little");
+    std::fs::write(vf.join("little/a.txt"), b"a").expect("a");
+    let dir_token = |relpath: &str| {
+        p.token(
+            "/folder/file/download",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": relpath}),
+        )
+    };
+    let big = format!("/download?token={}&archive=true", dir_token("big"));
+    let little = format!("/download?token={}&archive=true", dir_token("little"));
+    let started = std::time::Instant::now();
+    let slow: Vec<TcpStream> = [[127, 0, 0, 2], [127, 0, 0, 3]]
+        .into_iter()
+        .map(|from| {
+            let (s, head) = slow_client(&p, from.into(), &big);
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            s
+        })
+        .collect();
+    let r = p.client_get(&little, Duration::from_secs(20));
+    if started.elapsed() < GRACE {
+        assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    }
+    // Past the grace, the slow streams (nothing taken) are below the floor.
+    std::thread::sleep(GRACE.saturating_sub(started.elapsed()) + Duration::from_secs(1));
+    let r = p.client_get(&little, Duration::from_secs(20));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        zip_names(&r.body, p.dir.path()).expect("a valid zip"),
+        ["'a.txt'"]
+    );
+    let log = p.log();
+    assert_eq!(
+        log.matches("an archive stream below the floor rate was cut to make room for another")
+            .count(),
+        1,
+        "{log}"
+    );
+    drop(slow);
+}
+
 /// Under a descriptor limit of 1024 (systemd's default soft limit), thirty slow
 /// archive downloads of a deep tree (each holding about 37 descriptors: the walk's
 /// open levels, the file, a temporary file, the socket) used up the proxy's
