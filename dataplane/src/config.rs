@@ -554,7 +554,8 @@ pub struct Http2Section {
     /// this times its streams.
     pub app_stream_window: u32,
     /// Streams from HTTP/2 clients open to apps at once, per core: to HTTP/2 apps,
-    /// and to HTTP/1.1 apps once they hold an app connection. With
+    /// and to HTTP/1.1 apps from their start (one still waiting for its body's
+    /// first bytes is ended to make room when the budget is full). With
     /// `app_stream_window` it bounds what clients that do not read make the core
     /// buffer (2048 × 64 KiB = 128 MiB), and it keeps a few client connections from
     /// holding a route's app connections. A stream past it is answered 503

@@ -1,16 +1,19 @@
 //! The archive downloads streaming at once: their slots (`[storage]
 //! max_archive_streams`, shared fairly by client address) and, when every slot is
-//! taken, room made by cutting the slowest stream that has run past a grace below
-//! a floor rate.
+//! taken, room made by cutting the stream whose client has kept it waiting the
+//! longest.
 //!
 //! A slot is held by the archive's writer, a blocking thread that waits while the
 //! client takes no bytes (up to `stall_timeout_secs` per chunk, for as long as it
 //! takes some). A client that takes a little now and then (256 KiB every 5 s)
 //! would hold its slot for as long as the archive lasts — days for a large sparse
 //! file — and a few addresses doing so refused every other user's archive. So when
-//! no slot is free, a new archive ends the stream that has sent least per second
-//! among those past [`GRACE`] and below [`MIN_RATE`], and takes its slot; a stream
-//! as fast as that is never cut, nor is any while slots are free.
+//! no slot is free, a new archive ends the stream whose writer has waited longest
+//! on its client, among those that waited on it [`WAITED`] in all and for at least
+//! half their life, and takes its slot. What is measured is the client's, never
+//! the archive's: a stream slow because of its files (many small ones, a slow
+//! filesystem) whose client takes every byte is never cut, nor is any while a slot
+//! is free.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -20,12 +23,9 @@ use std::time::{Duration, Instant};
 
 use appproxy_shared::fair_share::{FairShare, Refused, Slot};
 
-/// A stream younger than this is never cut to make room.
-pub const GRACE: Duration = Duration::from_secs(30);
-
-/// A stream that has sent at least this many bytes per second over its life is
-/// never cut to make room.
-pub const MIN_RATE: u64 = 1 << 20;
+/// A stream whose writer has waited on its client less than this in all is never
+/// cut to make room.
+pub const WAITED: Duration = Duration::from_secs(10);
 
 /// How long a new archive waits for the slot of the stream it had cut (its writer
 /// gives it back once it sees the cut, at its next chunk).
@@ -36,24 +36,52 @@ pub struct ArchiveSlots {
     share: Arc<FairShare>,
     running: Mutex<BTreeMap<u64, Arc<Streaming>>>,
     next: AtomicU64,
-    /// [`GRACE`] and [`MIN_RATE`] (other values in tests).
-    grace: Duration,
-    min_rate: u64,
+    /// [`WAITED`] (another value in tests).
+    waited: Duration,
 }
 
 /// One archive stream, as its writer reports it.
 pub struct Streaming {
     started: Instant,
-    sent: AtomicU64,
+    /// Nanoseconds its writer waited on its client in waits now over.
+    waited: AtomicU64,
+    /// When the wait going on began (nanoseconds from `started`, plus one), or 0.
+    waiting_since: AtomicU64,
     cut: AtomicBool,
     /// Wakes a writer waiting for its client to take bytes.
     wake: tokio::sync::Notify,
 }
 
 impl Streaming {
-    /// `n` more bytes handed to the client.
-    pub fn sent(&self, n: u64) {
-        self.sent.fetch_add(n, Ordering::Relaxed);
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            waited: AtomicU64::new(0),
+            waiting_since: AtomicU64::new(0),
+            cut: AtomicBool::new(false),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.started).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Its writer begins to wait for its client to take a chunk.
+    pub fn waiting(&self) {
+        let now = self.nanos(Instant::now());
+        self.waiting_since
+            .store(now.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// The wait [`Streaming::waiting`] began is over.
+    pub fn waited(&self) {
+        let since = self.waiting_since.swap(0, Ordering::Relaxed);
+        if since > 0 {
+            let now = self.nanos(Instant::now());
+            self.waited
+                .fetch_add(now.saturating_sub(since - 1), Ordering::Relaxed);
+        }
     }
 
     /// Whether it was cut to make room.
@@ -72,10 +100,18 @@ impl Streaming {
         }
     }
 
-    /// Bytes per second over its life so far.
-    fn rate(&self, now: Instant) -> u64 {
-        let secs = now.saturating_duration_since(self.started).as_secs_f64();
-        (self.sent.load(Ordering::Relaxed) as f64 / secs.max(0.001)) as u64
+    /// How long its writer has waited on its client in all, the wait going on
+    /// included; and its age.
+    fn kept_waiting(&self, now: Instant) -> (Duration, Duration) {
+        let at = self.nanos(now);
+        let since = self.waiting_since.load(Ordering::Relaxed);
+        let going = if since > 0 {
+            at.saturating_sub(since - 1)
+        } else {
+            0
+        };
+        let waited = self.waited.load(Ordering::Relaxed).saturating_add(going);
+        (Duration::from_nanos(waited), Duration::from_nanos(at))
     }
 }
 
@@ -97,16 +133,15 @@ impl Drop for ArchivePermit {
 impl ArchiveSlots {
     /// `max` slots, `per_address` for an address once half are taken.
     pub fn new(max: usize, per_address: usize) -> Arc<Self> {
-        Self::with_floor(max, per_address, GRACE, MIN_RATE)
+        Self::with_waited(max, per_address, WAITED)
     }
 
-    fn with_floor(max: usize, per_address: usize, grace: Duration, min_rate: u64) -> Arc<Self> {
+    fn with_waited(max: usize, per_address: usize, waited: Duration) -> Arc<Self> {
         Arc::new(Self {
             share: FairShare::new(max, per_address),
             running: Mutex::default(),
             next: AtomicU64::new(0),
-            grace,
-            min_rate,
+            waited,
         })
     }
 
@@ -120,15 +155,21 @@ impl ArchiveSlots {
         self.share.per_address()
     }
 
-    /// A slot for a client at `ip`; with none free, one made by cutting the slowest
-    /// stream past [`GRACE`] below [`MIN_RATE`] (never for a client that holds its
-    /// share), waited for up to [`ROOM_WAIT`].
+    /// A slot for a client at `ip`; with none free, one made by cutting the stream
+    /// whose client has kept it waiting longest past [`WAITED`] (never for a client
+    /// that holds its share, while shares are on), waited for up to [`ROOM_WAIT`].
     pub async fn take(self: &Arc<Self>, ip: IpAddr) -> Result<ArchivePermit, Refused> {
         let refused = match self.try_take(ip) {
             Ok(permit) => return Ok(permit),
             Err(refused) => refused,
         };
-        if refused != Refused::Full || self.share.holds_share(ip) || !self.cut_slowest() {
+        // A share as large as the cap turns shares off (behind a reverse proxy every
+        // client has its address): then anyone may make room.
+        let shared = self.share.per_address() < self.share.max();
+        if refused != Refused::Full
+            || (shared && self.share.holds_share(ip))
+            || !self.cut_longest_kept_waiting()
+        {
             return Err(refused);
         }
         let until = Instant::now() + ROOM_WAIT;
@@ -145,12 +186,7 @@ impl ArchiveSlots {
     fn try_take(self: &Arc<Self>, ip: IpAddr) -> Result<ArchivePermit, Refused> {
         let slot = self.share.take(ip)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let streaming = Arc::new(Streaming {
-            started: Instant::now(),
-            sent: AtomicU64::new(0),
-            cut: AtomicBool::new(false),
-            wake: tokio::sync::Notify::new(),
-        });
+        let streaming = Arc::new(Streaming::new());
         self.running().insert(id, streaming.clone());
         Ok(ArchivePermit {
             _slot: slot,
@@ -160,26 +196,28 @@ impl ArchiveSlots {
         })
     }
 
-    /// Cuts the slowest stream past the grace below the floor, if one is: whether
-    /// one was (it leaves the running set at once, so no two archives cut it).
-    fn cut_slowest(&self) -> bool {
+    /// Cuts the stream whose client has kept its writer waiting longest, among
+    /// those kept waiting [`WAITED`] in all and at least half their life, if one
+    /// is: whether one was (it leaves the running set at once, so no two archives
+    /// cut it).
+    fn cut_longest_kept_waiting(&self) -> bool {
         let now = Instant::now();
         let mut running = self.running();
-        let slowest = running
+        let longest = running
             .iter()
-            .filter(|(_, s)| now.saturating_duration_since(s.started) >= self.grace)
-            .map(|(id, s)| (s.rate(now), *id))
-            .filter(|(rate, _)| *rate < self.min_rate)
-            .min();
-        let Some((rate, id)) = slowest else {
+            .map(|(id, s)| (s.kept_waiting(now), *id))
+            .filter(|((waited, age), _)| *waited >= self.waited && *waited * 2 >= *age)
+            .max_by_key(|((waited, _), _)| *waited);
+        let Some(((waited, age), id)) = longest else {
             return false;
         };
         if let Some(s) = running.remove(&id) {
             s.cut.store(true, Ordering::Release);
             s.wake.notify_one();
             tracing::info!(
-                bytes_per_sec = rate,
-                "an archive stream below the floor rate was cut to make room for another"
+                waited_secs = waited.as_secs(),
+                age_secs = age.as_secs(),
+                "an archive stream whose client kept it waiting was cut to make room for another"
             );
         }
         true
@@ -198,38 +236,54 @@ mod tests {
         s.parse().expect("ip")
     }
 
-    /// With every slot taken, a new archive cuts the slowest stream past the grace
-    /// below the floor and takes its slot once the writer lets go; never one past
-    /// the floor or within the grace, and never for a client that holds its share.
+    /// With every slot taken, a new archive cuts the stream whose client kept it
+    /// waiting longest (past the bound, and at least half its life) and takes its
+    /// slot once the writer lets go; never one whose client takes its bytes, and
+    /// never for a client that holds its share while shares are on.
     #[tokio::test]
-    async fn a_full_set_of_slots_makes_room_by_cutting_the_slowest_stream() {
-        let slots = ArchiveSlots::with_floor(2, 1, Duration::ZERO, 1 << 20);
-        let fast = slots.try_take(ip("10.0.0.1")).expect("first");
-        fast.streaming.sent(1 << 40);
-        let slow = slots.try_take(ip("10.0.0.2")).expect("second");
+    async fn a_full_set_of_slots_makes_room_by_cutting_the_stream_kept_waiting_longest() {
+        let slots = ArchiveSlots::with_waited(2, 1, Duration::from_millis(50));
+        let reading = slots.try_take(ip("10.0.0.1")).expect("first");
+        let stalled = slots.try_take(ip("10.0.0.2")).expect("second");
+        stalled.streaming.waiting();
+        tokio::time::sleep(Duration::from_millis(120)).await;
         // A client holding its share makes no room.
         assert!(slots.share.holds_share(ip("10.0.0.2")));
         assert_eq!(slots.take(ip("10.0.0.2")).await.err(), Some(Refused::Full));
-        assert!(!slow.streaming.is_cut());
-        // Another does: the slow stream is cut, never the fast one; its writer lets
-        // go, and the slot is taken.
+        assert!(!stalled.streaming.is_cut());
+        // Another does: the stalled stream is cut, never the one whose client
+        // reads; its writer lets go, and the slot is taken.
         let newcomer = {
             let slots = slots.clone();
             tokio::spawn(async move { slots.take(ip("10.0.0.3")).await.map(|_| ()) })
         };
-        slow.streaming.cut_off().await;
-        drop(slow);
+        stalled.streaming.cut_off().await;
+        stalled.streaming.waited();
+        drop(stalled);
         assert_eq!(newcomer.await.expect("joined"), Ok(()));
-        assert!(!fast.streaming.is_cut());
-        // Only fast ones left: nothing is cut, the next is refused.
+        assert!(!reading.streaming.is_cut());
+        // Waits that were short, or less than half its life: nothing is cut.
         let third = slots.try_take(ip("10.0.0.4")).expect("the slot given back");
-        third.streaming.sent(1 << 40);
+        for _ in 0..3 {
+            third.streaming.waiting();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            third.streaming.waited();
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
         assert_eq!(slots.take(ip("10.0.0.5")).await.err(), Some(Refused::Full));
-        assert!(!fast.streaming.is_cut() && !third.streaming.is_cut());
-        // Within the grace, nothing is cut.
-        let young = ArchiveSlots::with_floor(1, 1, Duration::from_secs(3600), 1 << 20);
-        let held = young.try_take(ip("10.0.0.1")).expect("first");
-        assert_eq!(young.take(ip("10.0.0.2")).await.err(), Some(Refused::Full));
-        assert!(!held.streaming.is_cut());
+        assert!(!reading.streaming.is_cut() && !third.streaming.is_cut());
+        // With shares off (a share as large as the cap), the address holding every
+        // slot may make room too.
+        let unshared = ArchiveSlots::with_waited(1, 1, Duration::from_millis(50));
+        let held = unshared.try_take(ip("10.0.0.1")).expect("first");
+        held.streaming.waiting();
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let again = {
+            let unshared = unshared.clone();
+            tokio::spawn(async move { unshared.take(ip("10.0.0.1")).await.map(|_| ()) })
+        };
+        held.streaming.cut_off().await;
+        drop(held);
+        assert_eq!(again.await.expect("joined"), Ok(()));
     }
 }

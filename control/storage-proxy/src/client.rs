@@ -531,7 +531,9 @@ async fn download(
 }
 
 /// A slot to stream an archive, held by its writer (a blocking thread) to its end:
-/// past `[storage] max_archive_streams` archives at once the answer is 503 at once.
+/// past `[storage] max_archive_streams` archives at once the answer is 503 at once,
+/// unless a stream whose client keeps it waiting is cut to make room
+/// ([`super::archive_slots`]).
 /// A client that takes an archive slowly holds its writer's thread while it waits
 /// (up to `stall_timeout_secs` per chunk, for as long as it keeps taking some), and
 /// the blocking pool serves every file operation of both APIs: without the cap, a

@@ -977,34 +977,38 @@ impl<'a> Writer<'a> {
         let cut = || {
             std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                "the client took bytes too slowly while every archive slot was wanted: cut to make room for another",
+                "the client kept the archive waiting while every archive slot was wanted: cut to make room for another",
             )
         };
         if self.watch.as_ref().is_some_and(|w| w.is_cut()) {
             return Err(cut());
         }
-        let n = bytes.len() as u64;
-        self.offset += n;
+        self.offset += bytes.len() as u64;
         let chunk = Ok(Bytes::from(bytes));
         let sent = match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 let send = tokio::time::timeout(self.stall, self.tx.send(chunk));
                 match &self.watch {
-                    Some(w) => rt.block_on(async {
-                        tokio::select! {
-                            sent = send => Some(sent),
-                            () = w.cut_off() => None,
-                        }
-                    }),
+                    Some(w) => {
+                        // Only a wait on the client counts: room for the chunk is
+                        // there at once while it takes the bytes.
+                        w.waiting();
+                        let sent = rt.block_on(async {
+                            tokio::select! {
+                                sent = send => Some(sent),
+                                () = w.cut_off() => None,
+                            }
+                        });
+                        w.waited();
+                        sent
+                    }
                     None => Some(rt.block_on(send)),
                 }
                 .ok_or_else(cut)?
             }
             Err(_) => Ok(self.tx.blocking_send(chunk)),
         };
-        if let (Ok(Ok(())), Some(w)) = (&sent, &self.watch) {
-            w.sent(n);
-        }
+
         match sent {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(std::io::Error::other("client went away")),

@@ -119,7 +119,9 @@ fn make_room() -> bool {
 
 /// One stream's place in the core's budget of streams from HTTP/2 clients to apps
 /// (`[http2] max_app_streams`), held for the stream's life: a stream to an HTTP/2
-/// app, and a stream to an HTTP/1.1 app from when it takes an app connection. A
+/// app, and a stream to an HTTP/1.1 app from its start (its parsed head is memory
+/// too; while it waits for its body's first bytes it is the first to go when the
+/// budget is full: [`Waiting`]). A
 /// stream to an HTTP/2 app may make the worker buffer its window
 /// (`app_stream_window`) from the app while its client does not read, and one to
 /// an HTTP/1.1 app holds a connection of the route's cap, so the budget bounds the
