@@ -8,9 +8,9 @@
 //! takes some). A client that takes a little now and then (256 KiB every 5 s)
 //! would hold its slot for as long as the archive lasts — days for a large sparse
 //! file — and a few addresses doing so refused every other user's archive. So when
-//! no slot is free, a new archive ends the stream whose writer has waited longest
-//! on its client, among those that waited on it [`WAITED`] in all and for at least
-//! half their life, and takes its slot. What is measured is the client's, never
+//! no slot is free, a new archive ends the stream whose writer has been waiting on
+//! its client longest now, among those waiting [`WAITING`] now or kept waiting
+//! [`WAITED`] in all and at least half their life, and takes its slot. What is measured is the client's, never
 //! the archive's: a stream slow because of its files (many small ones, a slow
 //! filesystem) whose client takes every byte is never cut, nor is any while a slot
 //! is free.
@@ -23,9 +23,14 @@ use std::time::{Duration, Instant};
 
 use appproxy_shared::fair_share::{FairShare, Refused, Slot};
 
-/// A stream whose writer has waited on its client less than this in all is never
-/// cut to make room.
-pub const WAITED: Duration = Duration::from_secs(10);
+/// A stream whose writer has waited on its client this long in all, and at least
+/// half its life, may be cut to make room.
+pub const WAITED: Duration = Duration::from_secs(30);
+
+/// A stream whose writer has been waiting on its client this long now may be cut
+/// to make room, whatever its age: a client that renews its streams every few
+/// seconds without reading cannot keep them under [`WAITED`].
+pub const WAITING: Duration = Duration::from_secs(10);
 
 /// How long a new archive waits for the slot of the stream it had cut (its writer
 /// gives it back once it sees the cut, at its next chunk).
@@ -36,8 +41,9 @@ pub struct ArchiveSlots {
     share: Arc<FairShare>,
     running: Mutex<BTreeMap<u64, Arc<Streaming>>>,
     next: AtomicU64,
-    /// [`WAITED`] (another value in tests).
+    /// [`WAITED`] and [`WAITING`] (other values in tests).
     waited: Duration,
+    waiting: Duration,
 }
 
 /// One archive stream, as its writer reports it.
@@ -100,9 +106,9 @@ impl Streaming {
         }
     }
 
-    /// How long its writer has waited on its client in all, the wait going on
-    /// included; and its age.
-    fn kept_waiting(&self, now: Instant) -> (Duration, Duration) {
+    /// How long its writer has been waiting on its client now, and in all (that
+    /// wait included); and its age.
+    fn kept_waiting(&self, now: Instant) -> Kept {
         let at = self.nanos(now);
         let since = self.waiting_since.load(Ordering::Relaxed);
         let going = if since > 0 {
@@ -111,8 +117,23 @@ impl Streaming {
             0
         };
         let waited = self.waited.load(Ordering::Relaxed).saturating_add(going);
-        (Duration::from_nanos(waited), Duration::from_nanos(at))
+        Kept {
+            now: Duration::from_nanos(going),
+            waited: Duration::from_nanos(waited),
+            age: Duration::from_nanos(at),
+        }
     }
+}
+
+/// How long a stream's client has kept its writer waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Kept {
+    /// The wait going on.
+    now: Duration,
+    /// In all.
+    waited: Duration,
+    /// The stream's age.
+    age: Duration,
 }
 
 /// A slot, held for an archive's life; the stream leaves the running set with it.
@@ -133,15 +154,21 @@ impl Drop for ArchivePermit {
 impl ArchiveSlots {
     /// `max` slots, `per_address` for an address once half are taken.
     pub fn new(max: usize, per_address: usize) -> Arc<Self> {
-        Self::with_waited(max, per_address, WAITED)
+        Self::with_waits(max, per_address, WAITED, WAITING)
     }
 
-    fn with_waited(max: usize, per_address: usize, waited: Duration) -> Arc<Self> {
+    fn with_waits(
+        max: usize,
+        per_address: usize,
+        waited: Duration,
+        waiting: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             share: FairShare::new(max, per_address),
             running: Mutex::default(),
             next: AtomicU64::new(0),
             waited,
+            waiting,
         })
     }
 
@@ -196,27 +223,30 @@ impl ArchiveSlots {
         })
     }
 
-    /// Cuts the stream whose client has kept its writer waiting longest, among
-    /// those kept waiting [`WAITED`] in all and at least half their life, if one
-    /// is: whether one was (it leaves the running set at once, so no two archives
-    /// cut it).
+    /// Cuts the stream whose client keeps its writer waiting longest now, among
+    /// those waiting [`WAITING`] now or kept waiting [`WAITED`] in all and at least
+    /// half their life, if one is: whether one was (it leaves the running set at
+    /// once, so no two archives cut it).
     fn cut_longest_kept_waiting(&self) -> bool {
         let now = Instant::now();
         let mut running = self.running();
         let longest = running
             .iter()
             .map(|(id, s)| (s.kept_waiting(now), *id))
-            .filter(|((waited, age), _)| *waited >= self.waited && *waited * 2 >= *age)
-            .max_by_key(|((waited, _), _)| *waited);
-        let Some(((waited, age), id)) = longest else {
+            .filter(|(k, _)| {
+                k.now >= self.waiting || (k.waited >= self.waited && k.waited * 2 >= k.age)
+            })
+            .max_by_key(|(k, _)| (k.now, k.waited));
+        let Some((kept, id)) = longest else {
             return false;
         };
         if let Some(s) = running.remove(&id) {
             s.cut.store(true, Ordering::Release);
             s.wake.notify_one();
             tracing::info!(
-                waited_secs = waited.as_secs(),
-                age_secs = age.as_secs(),
+                waiting_secs = kept.now.as_secs(),
+                waited_secs = kept.waited.as_secs(),
+                age_secs = kept.age.as_secs(),
                 "an archive stream whose client kept it waiting was cut to make room for another"
             );
         }
@@ -242,7 +272,8 @@ mod tests {
     /// never for a client that holds its share while shares are on.
     #[tokio::test]
     async fn a_full_set_of_slots_makes_room_by_cutting_the_stream_kept_waiting_longest() {
-        let slots = ArchiveSlots::with_waited(2, 1, Duration::from_millis(50));
+        let slots =
+            ArchiveSlots::with_waits(2, 1, Duration::from_millis(50), Duration::from_secs(3600));
         let reading = slots.try_take(ip("10.0.0.1")).expect("first");
         let stalled = slots.try_take(ip("10.0.0.2")).expect("second");
         stalled.streaming.waiting();
@@ -272,9 +303,24 @@ mod tests {
         }
         assert_eq!(slots.take(ip("10.0.0.5")).await.err(), Some(Refused::Full));
         assert!(!reading.streaming.is_cut() && !third.streaming.is_cut());
+        // A stream renewed before it has waited long in all is cut once its wait
+        // going on is long enough.
+        let renewed =
+            ArchiveSlots::with_waits(1, 1, Duration::from_secs(3600), Duration::from_millis(50));
+        let young = renewed.try_take(ip("10.0.0.1")).expect("first");
+        young.streaming.waiting();
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let next = {
+            let renewed = renewed.clone();
+            tokio::spawn(async move { renewed.take(ip("10.0.0.2")).await.map(|_| ()) })
+        };
+        young.streaming.cut_off().await;
+        drop(young);
+        assert_eq!(next.await.expect("joined"), Ok(()));
         // With shares off (a share as large as the cap), the address holding every
         // slot may make room too.
-        let unshared = ArchiveSlots::with_waited(1, 1, Duration::from_millis(50));
+        let unshared =
+            ArchiveSlots::with_waits(1, 1, Duration::from_millis(50), Duration::from_secs(3600));
         let held = unshared.try_take(ip("10.0.0.1")).expect("first");
         held.streaming.waiting();
         tokio::time::sleep(Duration::from_millis(120)).await;

@@ -1489,6 +1489,7 @@ fn archives_past_the_cap_are_refused_so_slow_clients_never_hold_every_thread() {
     );
     // (From two addresses: one alone gets half the slots, see
     // `one_address_cannot_take_every_archive_slot`.)
+    let started = std::time::Instant::now();
     let mut slow: Vec<TcpStream> = [[127, 0, 0, 2], [127, 0, 0, 3]]
         .into_iter()
         .map(|from| {
@@ -1497,9 +1498,14 @@ fn archives_past_the_cap_are_refused_so_slow_clients_never_hold_every_thread() {
             s
         })
         .collect();
-    // A third archive, of either kind, is refused at once.
+    // A third archive, of either kind, is refused at once (while the slow ones
+    // have not kept their writers waiting long enough to be cut to make room:
+    // `a_slow_archive_makes_room_for_another_once_past_the_grace`).
     for path in [little.clone(), format!("/download-archive?token={listed}")] {
         let r = p.client_get(&path, Duration::from_secs(20));
+        if started.elapsed() >= appproxy_storage_proxy::archive_slots::WAITING {
+            continue;
+        }
         assert_eq!(
             r.status,
             503,
@@ -1553,7 +1559,7 @@ fn archives_past_the_cap_are_refused_so_slow_clients_never_hold_every_thread() {
 /// archive is refused as before.
 #[test]
 fn a_slow_archive_makes_room_for_another_once_past_the_grace() {
-    use appproxy_storage_proxy::archive_slots::WAITED;
+    use appproxy_storage_proxy::archive_slots::{WAITED, WAITING};
     let p = Proxy::start("max_archive_streams = 2\nstall_timeout_secs = 600\n");
     create_folder(&p);
     let vf = p.vfolder_path();
@@ -1579,13 +1585,21 @@ fn a_slow_archive_makes_room_for_another_once_past_the_grace() {
         })
         .collect();
     let r = p.client_get(&little, Duration::from_secs(20));
-    if started.elapsed() < WAITED {
+    // (Answered before any could have kept its writer waiting that long.)
+    if started.elapsed() < WAITING {
         assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     }
-    // Past the bound, the slow streams (nothing taken since the socket buffers
-    // filled) have kept their writers waiting most of their lives.
-    std::thread::sleep(WAITED.saturating_sub(started.elapsed()) + Duration::from_secs(3));
-    let r = p.client_get(&little, Duration::from_secs(20));
+    // Once the slow streams (nothing taken since the socket buffers filled) have
+    // kept their writers waiting that long (bounded: the total's rule takes any
+    // past `WAITED`), the next archive is served.
+    std::thread::sleep(WAITING.saturating_sub(started.elapsed()));
+    let r = loop {
+        let r = p.client_get(&little, Duration::from_secs(20));
+        if r.status != 503 || started.elapsed() > WAITED * 2 {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(
         zip_names(&r.body, p.dir.path()).expect("a valid zip"),
