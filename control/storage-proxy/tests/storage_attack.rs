@@ -1438,6 +1438,28 @@ fn an_archive_of_a_churning_directory_is_whole_unique_and_contained() {
 
 /// Sends `GET path` and reads until the response head is in (a few body bytes may
 /// come with it), then stops reading: a client slow to take what it asked for.
+/// A vfolder with `big/` (32 MiB that does not compress: far more than the socket
+/// buffers and the body channel hold, so a writer whose client does not read
+/// waits) and `little/a.txt`; the archive download paths of both.
+fn big_and_little(p: &Proxy) -> (String, String) {
+    create_folder(p);
+    let vf = p.vfolder_path();
+    std::fs::create_dir_all(vf.join("big")).expect("big");
+    std::fs::write(vf.join("big/noise.bin"), incompressible(32 << 20)).expect("noise");
+    std::fs::create_dir_all(vf.join("little")).expect("little");
+    std::fs::write(vf.join("little/a.txt"), b"a").expect("a");
+    let token = |relpath: &str| {
+        p.token(
+            "/folder/file/download",
+            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": relpath}),
+        )
+    };
+    (
+        format!("/download?token={}&archive=true", token("big")),
+        format!("/download?token={}&archive=true", token("little")),
+    )
+}
+
 fn slow_client(p: &Proxy, from: std::net::Ipv4Addr, path: &str) -> (TcpStream, String) {
     let mut s = appproxy_test_support::net::connect_from(from, p.client).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30)))
@@ -1466,23 +1488,8 @@ fn slow_client(p: &Proxy, from: std::net::Ipv4Addr, path: &str) -> (TcpStream, S
 #[test]
 fn archives_past_the_cap_are_refused_so_slow_clients_never_hold_every_thread() {
     let p = Proxy::start("max_archive_streams = 2\nstall_timeout_secs = 600\n");
-    create_folder(&p);
-    let vf = p.vfolder_path();
-    std::fs::create_dir(vf.join("big")).expect("big");
-    // Far more than the socket buffers and the body channel hold: a writer whose
-    // client does not read waits.
-    std::fs::write(vf.join("big/noise.bin"), incompressible(32 << 20)).expect("noise");
-    std::fs::create_dir(vf.join("little")).expect("little");
-    std::fs::write(vf.join("little/a.txt"), b"a").expect("a");
-    std::fs::write(vf.join("file.txt"), b"file").expect("file");
-    let dir_token = |relpath: &str| {
-        p.token(
-            "/folder/file/download",
-            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": relpath}),
-        )
-    };
-    let big = format!("/download?token={}&archive=true", dir_token("big"));
-    let little = format!("/download?token={}&archive=true", dir_token("little"));
+    let (big, little) = big_and_little(&p);
+    std::fs::write(p.vfolder_path().join("file.txt"), b"file").expect("file");
     let listed = p.token(
         "/folder/file/archive-download-token",
         serde_json::json!({"volume": "local", "virtual_folder_id": VFID, "files": ["little/a.txt"]}),
@@ -1561,20 +1568,7 @@ fn archives_past_the_cap_are_refused_so_slow_clients_never_hold_every_thread() {
 fn a_slow_archive_makes_room_for_another_once_past_the_grace() {
     use appproxy_storage_proxy::archive_slots::{WAITED, WAITING};
     let p = Proxy::start("max_archive_streams = 2\nstall_timeout_secs = 600\n");
-    create_folder(&p);
-    let vf = p.vfolder_path();
-    std::fs::create_dir(vf.join("big")).expect("big");
-    std::fs::write(vf.join("big/noise.bin"), incompressible(32 << 20)).expect("noise");
-    std::fs::create_dir(vf.join("little")).expect("little");
-    std::fs::write(vf.join("little/a.txt"), b"a").expect("a");
-    let dir_token = |relpath: &str| {
-        p.token(
-            "/folder/file/download",
-            serde_json::json!({"volume": "local", "vfid": VFID, "relpath": relpath}),
-        )
-    };
-    let big = format!("/download?token={}&archive=true", dir_token("big"));
-    let little = format!("/download?token={}&archive=true", dir_token("little"));
+    let (big, little) = big_and_little(&p);
     let started = std::time::Instant::now();
     let slow: Vec<TcpStream> = [[127, 0, 0, 2], [127, 0, 0, 3]]
         .into_iter()
@@ -1701,24 +1695,6 @@ max_archive_streams_per_address = 64
 /// addresses still get theirs; set to the cap, the share is off.
 #[test]
 fn one_address_cannot_take_every_archive_slot() {
-    let slow_archive = |p: &Proxy| {
-        create_folder(p);
-        let vf = p.vfolder_path();
-        std::fs::create_dir_all(vf.join("big")).expect("big");
-        std::fs::write(vf.join("big/noise.bin"), incompressible(32 << 20)).expect("noise");
-        std::fs::create_dir_all(vf.join("little")).expect("little");
-        std::fs::write(vf.join("little/a.txt"), b"a").expect("a");
-        let token = |relpath: &str| {
-            p.token(
-                "/folder/file/download",
-                serde_json::json!({"volume": "local", "vfid": VFID, "relpath": relpath}),
-            )
-        };
-        (
-            format!("/download?token={}&archive=true", token("big")),
-            format!("/download?token={}&archive=true", token("little")),
-        )
-    };
     // A request from `from` is refused: 503 `busy` naming the setting that refused.
     let refused = |p: &Proxy, from: std::net::Ipv4Addr, path: &str, setting: &str| {
         let s = appproxy_test_support::net::connect_from(from, p.client).expect("connect");
@@ -1741,7 +1717,7 @@ fn one_address_cannot_take_every_archive_slot() {
     };
     let attacker = std::net::Ipv4Addr::new(127, 0, 0, 2);
     let p = Proxy::start("max_archive_streams = 8\nstall_timeout_secs = 600\n");
-    let (big, little) = slow_archive(&p);
+    let (big, little) = big_and_little(&p);
     // One address gets half the slots, then no more.
     let mut held: Vec<TcpStream> = (0..4)
         .map(|i| {
@@ -1778,7 +1754,7 @@ fn one_address_cannot_take_every_archive_slot() {
     let p = Proxy::start(
         "max_archive_streams = 4\nmax_archive_streams_per_address = 4\nstall_timeout_secs = 600\n",
     );
-    let (big, _) = slow_archive(&p);
+    let (big, _) = big_and_little(&p);
     let held: Vec<TcpStream> = (0..4)
         .map(|i| {
             let (s, head) = slow_client(&p, attacker, &big);

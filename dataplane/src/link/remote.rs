@@ -607,14 +607,15 @@ mod tests {
 
     /// A coordinator that takes the request and closes the connection after
     /// `answer` (a coordinator stopped mid-call, or giving up on the request).
-    fn closing_after(answer: &'static [u8]) -> std::net::SocketAddr {
+    fn closing_after(answer: impl Into<Vec<u8>>) -> std::net::SocketAddr {
+        let answer = answer.into();
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr");
         std::thread::spawn(move || {
             for mut s in l.incoming().flatten() {
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf);
-                let _ = s.write_all(answer);
+                let _ = s.write_all(&answer);
             }
         });
         addr
@@ -622,21 +623,9 @@ mod tests {
 
     /// A coordinator that answers every call with `status` and a short body.
     fn answering_with(status: &'static str) -> std::net::SocketAddr {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        std::thread::spawn(move || {
-            for mut s in l.incoming().flatten() {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf);
-                let _ = s.write_all(
-                    format!(
-                        "HTTP/1.1 {status}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
-                    )
-                    .as_bytes(),
-                );
-            }
-        });
-        addr
+        closing_after(format!(
+            "HTTP/1.1 {status}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        ))
     }
 
     /// A coordinator whose store is out of its reach.
