@@ -177,6 +177,12 @@ fn drains_at_once(w: &mut Worker) {
 
 /// The worker still answers an ordinary HTTP/2 request.
 fn still_serves(w: &Worker) {
+    assert_eq!(h2_status(w, "/ok", &[]), "200");
+}
+
+/// The status curl gets for an HTTP/2 GET of `path` (prior knowledge) with `extra`
+/// arguments, or what it printed instead.
+fn h2_status(w: &Worker, path: &str, extra: &[&str]) -> String {
     let out = std::process::Command::new("curl")
         .args([
             "-sS",
@@ -187,10 +193,15 @@ fn still_serves(w: &Worker) {
             "/dev/null",
         ])
         .args(["-w", "%{http_code}"])
-        .arg(format!("http://127.0.0.1:{}/ok", w.port))
+        .args(extra)
+        .arg(format!("http://127.0.0.1:{}{path}", w.port))
         .output()
         .expect("curl must be installed (.ci/run installs it)");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// A worker whose pooled app connections expire after a second, so its descriptors
@@ -1484,29 +1495,18 @@ fn streams_waiting_for_a_body_make_room_for_others_when_the_budget_is_full() {
     }
     // The budget is full. A client at a sixth address is served: the stream that
     // waited longest made room.
-    let out = std::process::Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "20",
-            "--http2-prior-knowledge",
-            "--interface",
-            "127.0.0.6",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-H",
-            "x-backend-request-id: served-6",
-        ])
-        .arg(format!("http://127.0.0.1:{}/", w.port))
-        .output()
-        .expect("curl must be installed (.ci/run installs it)");
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "200",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        h2_status(
+            &w,
+            "/",
+            &[
+                "--interface",
+                "127.0.0.6",
+                "-H",
+                "x-backend-request-id: served-6"
+            ]
+        ),
+        "200"
     );
     let made_room = w.wait_access_line("wait-1-1");
     assert_eq!(made_room["status"], 503, "{made_room}");

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use appproxy_shared::model::{BroadcastMessage, EventMetadata, RequestIdText, BROADCAST_CHANNEL};
 use appproxy_test_support::net::ReadUninterrupted;
-use common::{conf_token, http};
+use common::http;
 
 const USER: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
 
@@ -54,19 +54,7 @@ fn served(port: u16) -> Option<String> {
 /// The manager's creation of a circuit for `session` (kernel on `kernel_port`),
 /// answered once the worker acknowledged it: its ID and port.
 fn create(coord: SocketAddr, kernel_port: u16, session: &str) -> (String, u16) {
-    let token = conf_token(coord, kernel_port, session, USER);
-    let (status, _, body) = http(
-        coord,
-        &format!("GET /v2/proxy/auth?token={token}&session_id={session}&app=jupyter&protocol=http HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nConnection: close\r\n\r\n"),
-    );
-    assert_eq!(status, 200, "{body}");
-    let url = serde_json::from_str::<serde_json::Value>(&body).expect("json")["redirect_url"]
-        .as_str()
-        .expect("redirect_url")
-        .to_owned();
-    let token = url.split("token=").nth(1).expect("token");
-    let claims = appproxy_shared::jwt::verify_hs256(token.as_bytes(), "jwt").expect("setup token");
-    let id = claims["circuit"].as_str().expect("circuit").to_owned();
+    let id = common::create_circuit(coord, kernel_port, session, USER, "jupyter", "http");
     let (status, _, body) = http(
         coord,
         &format!("GET /api/circuit/{id} HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nConnection: close\r\n\r\n"),

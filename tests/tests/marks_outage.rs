@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{conf_token, http, start_coordinator, start_worker, wait_logs};
+use common::{start_coordinator, start_worker, wait_logs};
 
 const SESSION: &str = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
 
@@ -44,18 +44,7 @@ fn worker_config(coord: std::net::SocketAddr, port: u16, redis_url: &str, extra:
 /// Creates [`SESSION`]'s TCP circuit to the echo app on `echo_port` as the manager
 /// does; its ID.
 fn create_tcp_circuit(coord: std::net::SocketAddr, echo_port: u16) -> String {
-    let token = conf_token(coord, echo_port, SESSION, SESSION);
-    let (status, _, body) = http(coord, &format!("GET /v2/proxy/auth?token={token}&session_id={SESSION}&app=ssh&protocol=tcp HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nConnection: close\r\n\r\n"));
-    assert_eq!(status, 200, "{body}");
-    let url = serde_json::from_str::<serde_json::Value>(&body).expect("json")["redirect_url"]
-        .as_str()
-        .expect("url")
-        .to_owned();
-    let setup = url.split("token=").nth(1).expect("token");
-    appproxy_shared::jwt::verify_hs256(setup.as_bytes(), "jwt").expect("jwt")["circuit"]
-        .as_str()
-        .expect("id")
-        .to_owned()
+    common::create_circuit(coord, echo_port, SESSION, SESSION, "ssh", "tcp")
 }
 
 /// One echo on `c`, a connection to the circuit's frontend.

@@ -28,26 +28,7 @@ fn open_tunnels_keep_marking_last_access() {
         common::start_node(&dir.path().join("c.sqlite3"), port, "access_flush_ms = 100");
     common::wait_registered(coord, "w1");
     let session = "5d6c8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
-    let conf = format!(
-        r#"{{"login_session_token":null,"kernel_host":"127.0.0.1","kernel_port":{echo_port},"session":{{"id":"{session}","user_uuid":"{session}","group_id":"{session}","access_key":"AK","domain_name":"default"}}}}"#
-    );
-    let (_, _, body) = http(coord, &format!("POST /v2/conf HTTP/1.1\r\nHost: c\r\nX-BackendAI-Token: api\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{conf}", conf.len()));
-    let token = serde_json::from_str::<serde_json::Value>(&body).expect("json")["token"]
-        .as_str()
-        .expect("token")
-        .to_owned();
-    let (status, _, body) = http(coord, &format!("GET /v2/proxy/auth?token={token}&session_id={session}&app=ssh&protocol=tcp HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nConnection: close\r\n\r\n"));
-    assert_eq!(status, 200, "{body}");
-    let url = serde_json::from_str::<serde_json::Value>(&body).expect("json")["redirect_url"]
-        .as_str()
-        .expect("url")
-        .to_owned();
-    let setup = url.split("token=").nth(1).expect("token");
-    let circuit = appproxy_shared::jwt::verify_hs256(setup.as_bytes(), "jwt").expect("jwt")
-        ["circuit"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let circuit = common::create_circuit(coord, echo_port, session, session, "ssh", "tcp");
 
     // One connection, held open: one request counted, last access moving on.
     let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");

@@ -1169,8 +1169,8 @@ mod tests {
     use super::*;
 
     /// `EAGAIN` (a resolution through `..` that met a rename or mount on each of
-    /// its tries) and `EBUSY` pass on their own: 503 `busy` with a `Retry-After`,
-    /// where they were a 400 that told the caller its request was wrong.
+    /// its tries) passes on its own: 503 `busy` with a `Retry-After`, where it was
+    /// a 400 that told the caller its request was wrong; `EBUSY` does not.
     #[test]
     fn a_transient_filesystem_error_is_busy_not_the_callers_fault() {
         let again = || std::io::Error::from_raw_os_error(rustix::io::Errno::AGAIN.raw_os_error());

@@ -553,6 +553,34 @@ pub fn conf_token(coord_addr: SocketAddr, kernel_port: u16, session: &str, user:
         .to_owned()
 }
 
+/// Creates the circuit of `app` over `protocol` for `session` of `user` (kernel on
+/// `kernel_port`) as the manager does (`/v2/conf`, then `/v2/proxy/auth`, answered
+/// once the worker acknowledged it); its ID, read from the setup token.
+pub fn create_circuit(
+    coord: SocketAddr,
+    kernel_port: u16,
+    session: &str,
+    user: &str,
+    app: &str,
+    protocol: &str,
+) -> String {
+    let token = conf_token(coord, kernel_port, session, user);
+    let (status, _, body) = http(
+        coord,
+        &format!("GET /v2/proxy/auth?token={token}&session_id={session}&app={app}&protocol={protocol} HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{body}");
+    let url = serde_json::from_str::<serde_json::Value>(&body).expect("json")["redirect_url"]
+        .as_str()
+        .expect("redirect_url")
+        .to_owned();
+    let setup = url.split("token=").nth(1).expect("token");
+    appproxy_shared::jwt::verify_hs256(setup.as_bytes(), "jwt").expect("setup token")["circuit"]
+        .as_str()
+        .expect("circuit")
+        .to_owned()
+}
+
 /// A TCP relay to a coordinator that can be frozen: while it is, it forwards
 /// nothing either way and holds every connection open, as a coordinator stopped by
 /// SIGSTOP (or a path that drops packets) does. It counts the connections it took.
