@@ -288,28 +288,39 @@ fn cleanup_removes_expired_uploads_under_its_own_ids() {
         assert!(Instant::now() < deadline, "{}", p.log());
         std::thread::sleep(Duration::from_millis(100));
     }
-    let removed: Vec<_> = p
-        .log_json()
-        .into_iter()
-        .filter(|v| v["message"] == "expired upload removed")
-        .collect();
-    let id = removed[0]["request_id"]
-        .as_str()
-        .expect("cleanup has an ID")
-        .to_owned();
+    // The removal's line follows the file's unlink, and the pass's own line follows
+    // its removals: wait for both (bounded). The pass's ID and every other pass's are
+    // read from one copy of the log, so a pass logged meanwhile is counted on both sides.
+    let (id, passes, count) = loop {
+        let log = p.log_json();
+        let removed = log
+            .iter()
+            .find(|v| v["message"] == "expired upload removed")
+            .map(|v| {
+                v["request_id"]
+                    .as_str()
+                    .expect("cleanup has an ID")
+                    .to_owned()
+            });
+        let lines: Vec<_> = log
+            .iter()
+            .filter(|v| v["message"] == "expired-upload cleanup pass")
+            .collect();
+        let passes: std::collections::HashSet<String> = lines
+            .iter()
+            .filter_map(|v| v["request_id"].as_str().map(str::to_owned))
+            .collect();
+        if let Some(id) = removed.filter(|id| passes.contains(id)) {
+            break (id, passes, lines.len());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no removal and its pass: {}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_ne!(id, "upload-req");
-    let passes: std::collections::HashSet<String> = p
-        .log_json()
-        .into_iter()
-        .filter(|v| v["message"] == "expired-upload cleanup pass")
-        .filter_map(|v| v["request_id"].as_str().map(str::to_owned))
-        .collect();
-    assert!(passes.contains(&id));
-    let count = p
-        .log_json()
-        .iter()
-        .filter(|v| v["message"] == "expired-upload cleanup pass")
-        .count();
     assert_eq!(passes.len(), count, "each pass has an ID of its own");
 }
 
