@@ -1401,6 +1401,11 @@ fn an_app_refusing_a_body_it_leaves_unread_is_answered_at_once() {
     let early = "the app answered before taking the whole request body";
     let lines = w.wait_log(early, |v| v["message"] == early && v["status"] == 401);
     assert_eq!(lines.len(), 1);
+    // The third refusal's line is queued after the 401's: waited for (bounded),
+    // then compared whole as before.
+    eventually("the three refusals logged", || {
+        w.logged_statuses(early).len() >= 3
+    });
     assert_eq!(
         w.logged_statuses(early),
         [413, 401, 413],

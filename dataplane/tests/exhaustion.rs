@@ -606,6 +606,14 @@ fn out_of_descriptors_is_503_never_an_upstream_failure_and_health_still_answers(
         assert_json_error(&r, 503, "out_of_descriptors");
         assert!(c.is_closed());
     }
+    // The log's lines go through its writer thread: the burst's line is waited for
+    // (bounded) before either count is read (more than one still fails).
+    eventually("the burst of local failures logged", || {
+        log_count(
+            &w,
+            "cannot connect upstream: the proxy is out of local resources (answered 503, not counted against the upstream)"
+        ) >= 1
+    });
     assert_eq!(
         log_count(&w, "upstream marked unhealthy"),
         0,

@@ -157,6 +157,12 @@ fn sessions_stay_while_admitted_and_close_when_the_circuit_turns_private() {
             .is_some_and(|r| r.contains("credential"))),
         "{lines:?}"
     );
+    // Each tunnel logs its end through the log's writer thread, after the line
+    // waited for above: wait (bounded) for the four, then read them once (more
+    // than four still fails).
+    common::eventually("every session's end logged", || {
+        common::log_count(&w, "websocket session closed") >= 4
+    });
     let closed: Vec<_> = w
         .log_json()
         .into_iter()

@@ -1789,7 +1789,23 @@ fn background_jobs_mark_lost_workers_and_collect_idle_circuits() {
         assert!(Instant::now() < deadline, "jobs did not run: {workers}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let lines = log_lines(dir.path());
+    // "worker lost" is logged after the LOST state is stored, and "circuit deleted"
+    // after the delete (the 404 above): both are waited for (bounded), then asserted
+    // on one copy of the log as before.
+    let lines = log_lines_when(dir.path(), |lines| {
+        let id_of = |message: &str| {
+            lines
+                .iter()
+                .find(|l| l["message"] == message)
+                .map(|l| l["request_id"].clone())
+        };
+        match (id_of("idle circuit collected"), id_of("worker lost")) {
+            (Some(a), Some(_)) => lines
+                .iter()
+                .any(|l| l["message"] == "circuit deleted" && l["request_id"] == a),
+            _ => false,
+        }
+    });
     let collected = lines
         .iter()
         .find(|l| l["message"] == "idle circuit collected")
@@ -1823,8 +1839,19 @@ fn background_jobs_mark_lost_workers_and_collect_idle_circuits() {
         "{}",
         String::from_utf8_lossy(&r.body)
     );
-    let metrics =
-        String::from_utf8_lossy(&request(c.addr, "GET", "/metrics", &[], "").body).into_owned();
+    // The collection is counted once the removal returns, after its line: waited
+    // for (bounded), then asserted as before.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        let metrics =
+            String::from_utf8_lossy(&request(c.addr, "GET", "/metrics", &[], "").body).into_owned();
+        if metrics.contains("appproxy_coordinator_circuits_collected_total 1")
+            || Instant::now() >= deadline
+        {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(
         metrics.contains("appproxy_coordinator_circuits_collected_total 1"),
         "{metrics}"
@@ -1892,6 +1919,23 @@ fn lines_of(dir: &std::path::Path, request_id: &str, message: &str, want: usize)
             return n;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The log's lines once `done` holds of them, or as they are after 20 s (the
+/// caller's assertions then fail): a line the product writes after an effect a test
+/// waited for (a store commit, a connection swapped) may come a moment after it.
+fn log_lines_when(
+    dir: &std::path::Path,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines = log_lines(dir);
+        if done(&lines) || Instant::now() >= deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -5727,9 +5771,13 @@ fn a_silent_redis_command_connection_is_replaced() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(log_lines(dir.path())
-        .iter()
-        .any(|l| l["message"] == "redis command connection replaced"));
+    // The line follows the swap a creation may already use: waited for (bounded).
+    let replaced = |lines: &[serde_json::Value]| {
+        lines
+            .iter()
+            .any(|l| l["message"] == "redis command connection replaced")
+    };
+    assert!(replaced(&log_lines_when(dir.path(), replaced)));
 }
 
 /// While Redis refuses connections (stopped, not hanging), creations answer 503
@@ -6327,13 +6375,14 @@ fn setup_tokens_past_their_ttl_are_deleted(db: Db) {
     assert!(String::from_utf8_lossy(&r.body).contains("No such token"));
     let r = auth(&fresh);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let lines = log_lines(dir.path());
-    assert!(
+    // The line follows the delete's commit (the count above): waited for (bounded).
+    let deleted = |lines: &[serde_json::Value]| {
         lines
             .iter()
-            .any(|l| l["message"] == "expired setup tokens deleted" && l["tokens"] == 1),
-        "{lines:?}"
-    );
+            .any(|l| l["message"] == "expired setup tokens deleted" && l["tokens"] == 1)
+    };
+    let lines = log_lines_when(dir.path(), deleted);
+    assert!(deleted(&lines), "{lines:?}");
 }
 
 /// A setup token past `token_ttl_secs` is refused by `/v2/proxy/auth` as an unknown
