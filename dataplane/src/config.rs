@@ -554,16 +554,18 @@ pub struct Http2Section {
     /// this times its streams.
     pub app_stream_window: u32,
     /// Streams from HTTP/2 clients open to apps at once, per core: to HTTP/2 apps,
-    /// and to HTTP/1.1 apps from their start (one still waiting for its body's
-    /// first bytes is ended to make room when the budget is full). With
+    /// and to HTTP/1.1 apps from their start. When it is full, an address holding
+    /// fewer than the address holding most (by two or more) takes the place of that
+    /// address's stream idle longest, which is ended (503, or reset once its answer
+    /// began). With
     /// `app_stream_window` it bounds what clients that do not read make the core
     /// buffer (2048 × 64 KiB = 128 MiB), and it keeps a few client connections from
     /// holding a route's app connections. A stream past it is answered 503
     /// `app_stream_limit`.
     pub max_app_streams: usize,
     /// Once half of `max_app_streams` are taken, the most of them one client
-    /// address (IPv4, IPv6 /64; trusted proxies exempt) holds; past it its streams
-    /// are answered 503 `app_stream_limit`.
+    /// address (IPv4, IPv6 /64; behind a trusted proxy, the address it names)
+    /// holds; past it its streams are answered 503 `app_stream_limit`.
     pub max_app_streams_per_address: usize,
 }
 

@@ -1449,15 +1449,71 @@ fn streams_that_trickle_a_body_hold_no_more_app_connections_than_their_share() {
     drop(s);
 }
 
+/// From five addresses, streams of `POST /upload` announcing a 5-byte body (IDs
+/// `hold-<address>-<n>`) fill a budget of 8 (`max_app_streams = 8`, an address's
+/// share 1): the first takes half the budget, the others their share; the next
+/// stream of each is refused for its share, which says the ones before it were
+/// placed. Each placed stream sends `sent` bytes of its body first (none: it holds
+/// nothing but its head; one: it holds an app connection). With `forwarded`, all
+/// come from 127.0.0.1, a trusted proxy naming each address in `x-forwarded-for`.
+fn fill_the_budget(w: &Worker, sent: usize, forwarded: bool) -> Vec<TcpStream> {
+    let mut conns = Vec::new();
+    for (octet, placed) in [(1u8, 4u32), (2, 1), (3, 1), (4, 1), (5, 1)] {
+        let from = std::net::Ipv4Addr::new(127, 0, 0, octet);
+        let mut s = if forwarded {
+            TcpStream::connect(w.addr()).expect("connect")
+        } else {
+            appproxy_test_support::net::connect_from(from, w.addr()).expect("connect")
+        };
+        s.set_write_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(&client_hello()).expect("preface");
+        let named = format!("10.0.0.{octet}");
+        for i in 1..=placed + 1 {
+            let id = format!("hold-{octet}-{i}");
+            let mut fields = vec![
+                (&b"content-length"[..], &b"5"[..]),
+                (b"x-backend-request-id", id.as_bytes()),
+            ];
+            if forwarded {
+                fields.push((b"x-forwarded-for", named.as_bytes()));
+            }
+            let block = appproxy_test_support::h2frames::request("POST", "/upload", &fields);
+            s.write_all(&frame(HEADERS, END_HEADERS, 2 * i - 1, &block))
+                .expect("headers");
+            if i <= placed && sent > 0 {
+                s.write_all(&frame(DATA, 0, 2 * i - 1, &b"hello"[..sent]))
+                    .expect("data");
+            }
+        }
+        let over = format!("hold-{octet}-{}", placed + 1);
+        assert_eq!(w.wait_access_line(&over)["status"], 503, "{over}");
+        conns.push(s);
+    }
+    conns
+}
+
+/// The streams `hold-…` whose access lines are written (they ended), sorted.
+fn ended_holders(w: &Worker) -> Vec<String> {
+    let mut ended: Vec<String> = w
+        .log_json()
+        .iter()
+        .filter(|l| l["target"] == "access")
+        .filter_map(|l| l["request_id"].as_str().map(str::to_owned))
+        .filter(|id| id.starts_with("hold-"))
+        .collect();
+    ended.sort();
+    ended
+}
+
 /// Streams that announce a body and never send it hold a place in the core's
 /// budget of streams to apps (their parsed heads are the memory it bounds), but
-/// nothing else: when the budget is full, a stream that needs a place makes room
-/// by ending the one that has waited longest for its body (503 `app_stream_limit`),
-/// as the connection cap closes the connection idle the longest. An address at its
-/// share makes no room. Before, a few addresses (five with the defaults, one
-/// /56 of IPv6) holding such streams, some 40 bytes each, refused every other
-/// HTTP/2 client of the core with 503 until the body timer, and again as they came
-/// back.
+/// nothing else: when the budget is full, an address holding fewer places than
+/// another takes the place of that address's stream idle longest, which is ended
+/// (503 `app_stream_limit`). An address at its share makes no room. Before, a few
+/// addresses (five with the defaults, one /56 of IPv6) holding such streams, some
+/// 40 bytes each, refused every other HTTP/2 client of the core with 503 until the
+/// body timer, and again as they came back.
 #[test]
 fn streams_waiting_for_a_body_make_room_for_others_when_the_budget_is_full() {
     let up = Upstream::start();
@@ -1465,36 +1521,9 @@ fn streams_waiting_for_a_body_make_room_for_others_when_the_budget_is_full() {
         &up,
         "[timeouts]\nbody_idle_secs = 60\n[http2]\nmax_app_streams = 8\n",
     );
-    // From five addresses, streams that announce a body and send none: the first
-    // takes half the budget, the others their share (1 each: at most an eighth of
-    // the budget); the next stream of each is refused for its share, which says
-    // the ones before it were placed.
-    let mut conns = Vec::new();
-    for (octet, placed) in [(1u8, 4u32), (2, 1), (3, 1), (4, 1), (5, 1)] {
-        let from = std::net::Ipv4Addr::new(127, 0, 0, octet);
-        let mut s = appproxy_test_support::net::connect_from(from, w.addr()).expect("connect");
-        s.set_write_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        s.write_all(&client_hello()).expect("preface");
-        for i in 1..=placed + 1 {
-            let id = format!("wait-{octet}-{i}");
-            let block = appproxy_test_support::h2frames::request(
-                "POST",
-                "/upload",
-                &[
-                    (b"content-length", b"5"),
-                    (b"x-backend-request-id", id.as_bytes()),
-                ],
-            );
-            s.write_all(&frame(HEADERS, END_HEADERS, 2 * i - 1, &block))
-                .expect("headers");
-        }
-        let over = format!("wait-{octet}-{}", placed + 1);
-        assert_eq!(w.wait_access_line(&over)["status"], 503, "{over}");
-        conns.push(s);
-    }
-    // The budget is full. A client at a sixth address is served: the stream that
-    // waited longest made room.
+    let conns = fill_the_budget(&w, 0, false);
+    // The budget is full. A client at a sixth address is served: the first
+    // address's stream that waited longest made room.
     assert_eq!(
         h2_status(
             &w,
@@ -1508,28 +1537,168 @@ fn streams_waiting_for_a_body_make_room_for_others_when_the_budget_is_full() {
         ),
         "200"
     );
-    let made_room = w.wait_access_line("wait-1-1");
+    let made_room = w.wait_access_line("hold-1-1");
     assert_eq!(made_room["status"], 503, "{made_room}");
     assert_eq!(made_room["method"], "POST");
     // Only that one: the refusals for a share made no room, and the others wait on.
-    let ended: Vec<String> = w
-        .log_json()
-        .iter()
-        .filter(|l| l["target"] == "access")
-        .filter_map(|l| l["request_id"].as_str().map(str::to_owned))
-        .filter(|id| id.starts_with("wait-"))
-        .collect();
-    let mut ended = ended;
-    ended.sort();
     assert_eq!(
-        ended,
-        ["wait-1-1", "wait-1-5", "wait-2-2", "wait-3-2", "wait-4-2", "wait-5-2"],
+        ended_holders(&w),
+        ["hold-1-1", "hold-1-5", "hold-2-2", "hold-3-2", "hold-4-2", "hold-5-2"],
         "{}",
         w.log_text()
     );
     assert!(w
         .log_text()
-        .contains("a stream still waiting for its body made room for another"));
+        .contains("a stream ended to make room for another address's"));
+    drop(conns);
+}
+
+/// Streams that send one byte of their body and then nothing hold an app
+/// connection each, under the body timers and rate floor: when the budget is full,
+/// another address takes the place of the stream idle longest of the address
+/// holding most, which is ended (503 `app_stream_limit`, its app connection
+/// closed). Before, only streams still waiting for their body's first bytes made
+/// room, and five addresses sending one byte per stream (a verifier's find) kept
+/// every other HTTP/2 client of the core at 503.
+#[test]
+fn streams_trickling_a_body_make_room_for_another_address() {
+    let up = Upstream::start();
+    let w = worker(
+        &up,
+        "[timeouts]\nbody_idle_secs = 60\n[http2]\nmax_app_streams = 8\n",
+    );
+    let conns = fill_the_budget(&w, 1, false);
+    // Each placed stream holds an app connection: its byte went on.
+    common::eventually("eight app connections", || {
+        up.connections.load(std::sync::atomic::Ordering::SeqCst) == 8
+    });
+    assert_eq!(
+        h2_status(
+            &w,
+            "/",
+            &[
+                "--interface",
+                "127.0.0.6",
+                "-H",
+                "x-backend-request-id: served-6"
+            ]
+        ),
+        "200"
+    );
+    // One stream of the first address (it held four places) was ended, no other.
+    common::eventually("the ended stream's access line", || {
+        ended_holders(&w).len() == 6
+    });
+    let ended = ended_holders(&w);
+    let made_room: Vec<&String> = ended
+        .iter()
+        .filter(|id| id.starts_with("hold-1-") && *id != "hold-1-5")
+        .collect();
+    assert_eq!(made_room.len(), 1, "{ended:?}");
+    assert_eq!(w.wait_access_line(made_room[0])["status"], 503);
+    assert!(
+        ["hold-2-2", "hold-3-2", "hold-4-2", "hold-5-2"]
+            .iter()
+            .all(|id| ended.iter().any(|e| e == id)),
+        "{ended:?}"
+    );
+    drop(conns);
+}
+
+/// Streams to an `http2` circuit hold a stream to the app from their start (and
+/// gRPC ones are exempt from the body's rate floor): when the budget is full,
+/// another address takes the place of the stream idle longest of the address
+/// holding most, which is ended (503 before its answer; the app's stream is
+/// cancelled). Before, only streams to HTTP/1.1 apps still waiting for their body
+/// made room, and five addresses holding streams to an HTTP/2 app kept every
+/// other HTTP/2 client of the core at 503.
+#[test]
+fn streams_to_an_http2_app_make_room_for_another_address() {
+    let up = Upstream::start();
+    let patient = "[timeouts]\nbody_idle_secs = 60\n";
+    let app = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: patient.into(),
+        ..Default::default()
+    });
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr()],
+        extra: format!("{patient}[http2]\nmax_app_streams = 8\n"),
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    let conns = fill_the_budget(&w, 0, false);
+    assert_eq!(
+        h2_status(
+            &w,
+            "/",
+            &[
+                "--interface",
+                "127.0.0.6",
+                "-H",
+                "x-backend-request-id: served-6"
+            ]
+        ),
+        "200"
+    );
+    common::eventually("the ended stream's access line", || {
+        ended_holders(&w).len() == 6
+    });
+    let ended = ended_holders(&w);
+    let made_room: Vec<&String> = ended
+        .iter()
+        .filter(|id| id.starts_with("hold-1-") && *id != "hold-1-5")
+        .collect();
+    assert_eq!(made_room.len(), 1, "{ended:?}");
+    assert_eq!(w.wait_access_line(made_room[0])["status"], 503);
+    drop(conns);
+}
+
+/// Behind a trusted proxy (`trusted_proxies`), each client named by its
+/// `X-Forwarded-For` holds its own share of the budget: one client filling it with
+/// streams that hold app connections is held to half of it, and another client of
+/// the same proxy is served. Before, a trusted proxy's streams were held only to
+/// the core's budget, so one client behind it took every place.
+#[test]
+fn a_trusted_proxys_clients_each_hold_their_own_share() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[timeouts]\nbody_idle_secs = 60\n[http2]\nmax_app_streams = 8\n".into(),
+        worker_extra: "trusted_proxies = [\"127.0.0.1/32\"]".into(),
+        ..Default::default()
+    });
+    let conns = fill_the_budget(&w, 1, true);
+    common::eventually("eight app connections", || {
+        up.connections.load(std::sync::atomic::Ordering::SeqCst) == 8
+    });
+    // Another client of the proxy, named 10.0.0.6: the first named client holds
+    // four places, so a stream of it was ended to make room.
+    assert_eq!(
+        h2_status(
+            &w,
+            "/",
+            &[
+                "-H",
+                "x-forwarded-for: 10.0.0.6",
+                "-H",
+                "x-backend-request-id: served-6"
+            ]
+        ),
+        "200"
+    );
+    common::eventually("the ended stream's access line", || {
+        ended_holders(&w).len() == 6
+    });
+    let ended = ended_holders(&w);
+    assert_eq!(
+        ended
+            .iter()
+            .filter(|id| id.starts_with("hold-1-") && *id != "hold-1-5")
+            .count(),
+        1,
+        "{ended:?}"
+    );
     drop(conns);
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 /// A client address as per-client limits count it: an IPv4 address (IPv4-mapped
 /// IPv6 included), or an IPv6 address's /64, which one host is commonly given whole.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ClientKey {
     /// An IPv4 client.
     V4(Ipv4Addr),
@@ -74,28 +74,17 @@ impl FairShare {
 
     /// A slot for a client at `ip`, given back when the [`Slot`] is dropped.
     pub fn take(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
-        self.take_as(Some(ClientKey::of(ip)))
-    }
-
-    /// A slot for a client whose address stands for many (a trusted proxy's):
-    /// held to `max` alone, never to an address's share.
-    pub fn take_unshared(self: &Arc<Self>) -> Result<Slot, Refused> {
-        self.take_as(None)
-    }
-
-    fn take_as(self: &Arc<Self>, key: Option<ClientKey>) -> Result<Slot, Refused> {
+        let key = ClientKey::of(ip);
         let mut held = self.held();
         if held.total >= self.max {
             return Err(Refused::Full);
         }
-        if let Some(key) = key {
-            let crowded = held.total >= self.max / 2;
-            let mine = held.by_address.get(&key).copied().unwrap_or(0);
-            if crowded && mine >= self.per_address {
-                return Err(Refused::AddressShare);
-            }
-            held.by_address.insert(key, mine + 1);
+        let crowded = held.total >= self.max / 2;
+        let mine = held.by_address.get(&key).copied().unwrap_or(0);
+        if crowded && mine >= self.per_address {
+            return Err(Refused::AddressShare);
         }
+        held.by_address.insert(key, mine + 1);
         held.total += 1;
         Ok(Slot {
             share: self.clone(),
@@ -153,19 +142,16 @@ impl FairShare {
 /// One slot of a [`FairShare`], given back when dropped.
 pub struct Slot {
     share: Arc<FairShare>,
-    /// `None`: taken unshared ([`FairShare::take_unshared`]).
-    key: Option<ClientKey>,
+    key: ClientKey,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut held = self.share.held();
-        if let Some(key) = &self.key {
-            if let Some(mine) = held.by_address.get_mut(key) {
-                *mine = mine.saturating_sub(1);
-                if *mine == 0 {
-                    held.by_address.remove(key);
-                }
+        if let Some(mine) = held.by_address.get_mut(&self.key) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                held.by_address.remove(&self.key);
             }
         }
         held.total = held.total.saturating_sub(1);
@@ -180,21 +166,6 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("an address")
-    }
-
-    #[test]
-    fn unshared_slots_count_to_the_total_and_never_to_a_share() {
-        let share = FairShare::new(4, 1);
-        let a = ip("10.0.0.1");
-        let mut held: Vec<Slot> = (0..3)
-            .map(|_| share.take_unshared().expect("unshared"))
-            .collect();
-        // Crowded now, and the unshared slots are no address's: `a` has its share.
-        held.push(share.take(a).expect("a's share"));
-        assert_eq!(share.take_unshared().err(), Some(Refused::Full));
-        held.clear();
-        assert_eq!(share.taken(), 0);
-        assert!(share.take(a).is_ok());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use appproxy_shared::RequestId;
 use bytes::Bytes;
 use h2::RecvStream;
 
+use super::budget::Activity;
 use super::h1_body::H1Body;
 use super::stream::{send_all, Done, Fail, Req};
 use super::upstream::{self, Answer, NextHead};
@@ -41,7 +42,9 @@ pub struct Bridged {
 
 /// Forwards the HTTP/1.1 request whose head starts `cbuf` to the circuit's
 /// HTTP/2 app and relays the answer to `conn`; `side` is told the app tried and the
-/// body bytes it took, for the access line of a failure.
+/// body bytes it took, for the access line of a failure, and `activity` of the
+/// bytes moved and the answer begun, for its place in the core's budget of streams
+/// to apps ([`super::budget`]).
 #[allow(clippy::too_many_arguments)]
 pub async fn forward(
     core: &Core,
@@ -53,6 +56,7 @@ pub async fn forward(
     id: RequestId,
     trace: Option<crate::trace::Hop>,
     side: &AppSide,
+    activity: &std::rc::Rc<Activity>,
 ) -> Result<Bridged, Fail> {
     let rt = &core.rt;
     let (authority, path, te_trailers) = {
@@ -84,6 +88,7 @@ pub async fn forward(
                 te_trailers,
                 side,
                 client: &client,
+                activity,
             }
         };
     }
@@ -103,6 +108,9 @@ pub async fn forward(
     let mut early = None;
     let mut answered = None;
     if !end && head.expect_continue && cbuf.is_empty() {
+        // From the first byte written to the client on, no answer of the proxy's
+        // can follow (the stream is ended by closing the connection).
+        activity.responded();
         conn.set_timeout(rt.body_idle_timeout);
         let mut out = Vec::with_capacity(64);
         crate::http::encode::continue_response(
@@ -125,6 +133,7 @@ pub async fn forward(
             &mut up_send,
             &mut response,
             &mut bytes_in,
+            activity,
         )
         .await;
         conn.disarm_read_floor();
@@ -230,6 +239,7 @@ pub async fn forward(
                             );
                         }
                         out.extend_from_slice(b"\r\n");
+                        activity.responded();
                         conn.set_timeout(rt.body_idle_timeout);
                         conn.write_all(&out)
                             .await
@@ -293,6 +303,7 @@ pub async fn forward(
     }
     crate::http::encode::Keep::of(!keep_alive, head.version).push_field(&mut out);
     out.extend_from_slice(b"\r\n");
+    activity.responded();
     conn.set_timeout(rt.body_idle_timeout);
     conn.write_all(&out)
         .await
@@ -309,7 +320,11 @@ pub async fn forward(
         let mut sent = 0;
         // A client's end of stream is its leaving unless its body's rest is unread.
         let gone = relay::Gone::on_close(rt.abort_on_client_close && !body_left);
-        if let Err(e) = relay_response(core, conn, rbody, chunked, length, gone, &mut sent).await {
+        let relayed = relay_response(
+            core, conn, rbody, chunked, length, gone, &mut sent, activity,
+        )
+        .await;
+        if let Err(e) = relayed {
             if close_delimited {
                 // The close is the body's only end mark: not for a truncated one.
                 conn.reset_on_close();
@@ -381,11 +396,12 @@ enum BodyEnd {
 }
 
 /// Reads the client's body (length or chunked) and hands it to the app's stream,
-/// counting what it handed on in `total`. Each wait, on the client's next bytes or
+/// counting what it handed on in `total` (and telling `activity`). Each wait, on the client's next bytes or
 /// on the app's window, also watches for the app's answer (`response`), as the
 /// HTTP/1.1 relay watches an HTTP/1.1 app: an app that refuses the body (413, 401
 /// …) and keeps its stream open without granting more window is answered at once,
 /// rather than when the wait times out.
+#[allow(clippy::too_many_arguments)]
 async fn send_body(
     core: &Core,
     conn: &TcpConn,
@@ -394,6 +410,7 @@ async fn send_body(
     up: &mut h2::SendStream<Bytes>,
     response: &mut Answer,
     total: &mut u64,
+    activity: &Activity,
 ) -> Result<BodyEnd, Fail> {
     let rt = &core.rt;
     let upstream_gone =
@@ -465,6 +482,7 @@ async fn send_body(
             }
             // Counted once the app's stream took it (the access line's "given").
             *total = taken;
+            activity.moved(core.reactor.now());
         }
         if body.done() || (progressed && !cbuf.is_empty()) {
             continue;
@@ -522,7 +540,7 @@ async fn send_body(
 
 /// Relays the app's DATA frames to the client (chunked with the app's trailers, or
 /// as is), giving capacity back as the client takes them; `total`: the payload bytes
-/// written, however it ends.
+/// written, however it ends; `activity` is told when.
 ///
 /// While the app is silent (an event stream, a token stream, a stalled download)
 /// the client is watched, as the HTTP/1.1 relay watches it (`gone`): a client
@@ -536,6 +554,7 @@ async fn send_body(
 /// with `NO_ERROR` in place of ending it (RFC 9113 §8.1 allows it once the answer
 /// is complete) gave the whole answer: it is not a cut, and the client's connection
 /// goes on.
+#[allow(clippy::too_many_arguments)]
 async fn relay_response(
     core: &Core,
     conn: &TcpConn,
@@ -544,6 +563,7 @@ async fn relay_response(
     length: Option<u64>,
     gone: relay::Gone,
     total: &mut u64,
+    activity: &Activity,
 ) -> Result<(), String> {
     let rt = &core.rt;
     let mut out = Vec::new();
@@ -583,6 +603,7 @@ async fn relay_response(
             conn.write_all(&chunk).await
         };
         wrote.map_err(|e| format!("client write: {e}"))?;
+        activity.moved(core.reactor.now());
         core.metrics
             .add(crate::core::counter::BYTES_OUT, chunk.len() as u64);
         let _ = body.flow_control().release_capacity(chunk.len());

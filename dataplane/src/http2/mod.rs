@@ -11,6 +11,7 @@
 //! log line naming its streams.
 
 pub mod bridge;
+pub mod budget;
 mod h1_body;
 pub mod io;
 pub mod stream;

@@ -110,6 +110,9 @@ pub struct Req<'a> {
     /// The client: the connection's peer, or the address a trusted proxy's
     /// `X-Forwarded-For` named once the stream's admission read it.
     pub client: &'a std::cell::Cell<std::net::IpAddr>,
+    /// Told of the bytes it moves, for its place in the core's budget of streams
+    /// to apps ([`super::budget`]), which may be taken to make room.
+    pub activity: &'a Rc<super::budget::Activity>,
 }
 
 impl Req<'_> {
@@ -292,6 +295,7 @@ pub async fn handle(
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     let path_str = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let line = Line::new(&method, &path, started, ctx.hop.peer.ip());
+    let activity = super::budget::Activity::new(core.reactor.now());
     let request = Req {
         buf: &buf,
         head: &head,
@@ -300,6 +304,7 @@ pub async fn handle(
         te_trailers,
         side: &line.side,
         client: &line.client,
+        activity: &activity,
     };
     scope_traced(
         Some(id),
@@ -440,6 +445,18 @@ async fn serve_stream(
             "a deployment no longer admits the stream".into(),
         ))
     };
+    // A stream whose place in the core's budget another client's stream took
+    // ([`super::budget`]) ends: answered 503 before its answer began, else reset.
+    let made_room = async {
+        req.activity.ended().await;
+        tracing::info!("a stream ended to make room for another address's");
+        core.metrics.add(counter::H2_APP_STREAM_LIMIT, 1);
+        Err(if req.activity.has_responded() {
+            Fail::Abort("ended to make room for another address's stream".into())
+        } else {
+            Fail::Answer(ProxyError::AppStreamLimit)
+        })
+    };
     let exchange = async {
         if h2_app {
             super::upstream::forward(ctx, &route, req, body, respond, id, trace).await
@@ -447,7 +464,7 @@ async fn serve_stream(
             forward_h1(ctx, &route, req, body, respond, id, trace).await
         }
     };
-    let outcome = futures_lite::future::or(exchange, revoked)
+    let outcome = futures_lite::future::or(exchange, futures_lite::future::or(revoked, made_room))
         .await
         .map_err(|failure| failure.drained(core, &line.side));
     match outcome {
@@ -870,28 +887,15 @@ async fn forward_h1(
     // streams that announce a body and never send it, each holding its parsed head
     // (tens of KiB with HPACK's help, for a few bytes on the wire), could take
     // gigabytes across a client's connections.
-    let _slot = super::upstream::AppStreamSlot::take_making_room(core, &ctx.hop).await?;
+    let _slot = super::upstream::AppStreamSlot::take(core, req.client.get(), req.activity)?;
     // As on the HTTP/1.1 path (`await_body`): an app connection is taken or opened
     // only once the body's first bytes are in (or it ended empty). A stream that
     // announces a body and sends none holds its own stream and its place, under the
-    // body timers, and no app connection: the first to go when a stream needs its
-    // place ([`super::upstream::Waiting`]).
+    // body timers, and no app connection; it moves no bytes, so it is among the
+    // first of its address's to go when another address needs its place.
     let mut floor = BodyFloor::new(core);
     let first = if has_body {
-        let waiting = super::upstream::Waiting::enter();
-        let first = waiting
-            .made_room
-            .unless_fired(first_body_bytes(ctx, &mut body, &mut floor))
-            .await;
-        match first {
-            Some(first) => first?,
-            None => {
-                tracing::info!("a stream still waiting for its body made room for another");
-                core.metrics
-                    .add(crate::core::counter::H2_APP_STREAM_LIMIT, 1);
-                return Err(Fail::Answer(ProxyError::AppStreamLimit));
-            }
-        }
+        first_body_bytes(ctx, &mut body, &mut floor, req.activity).await?
     } else {
         None
     };
@@ -960,6 +964,7 @@ async fn forward_h1(
                 &mut floor,
                 first.clone(),
                 side,
+                req.activity,
             )
             .await
             {
@@ -1092,6 +1097,7 @@ async fn forward_h1(
     let mut send = respond
         .send_response(response, bodiless)
         .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
+    req.activity.responded();
     let mut bytes_out = 0;
     if !bodiless {
         let relayed = relay_h1_response(
@@ -1101,6 +1107,7 @@ async fn forward_h1(
             framing,
             &mut send,
             &mut bytes_out,
+            req.activity,
         )
         .await;
         if let Err(e) = relayed {
@@ -1232,10 +1239,12 @@ fn stalled(s: Stall) -> Fail {
 /// Waits, under the body timers, for the first bytes of a stream's body: `Some`
 /// with them, `None` when the body ended without any. Empty DATA frames are not
 /// bytes: the whole wait is bounded by the idle timeout, however many come.
+/// `activity` is told when they came.
 async fn first_body_bytes(
     ctx: &ConnCtx,
     body: &mut RecvStream,
     floor: &mut Option<BodyFloor>,
+    activity: &super::budget::Activity,
 ) -> Result<Option<Bytes>, Fail> {
     let core = &ctx.core;
     let since = core.reactor.now();
@@ -1246,7 +1255,10 @@ async fn first_body_bytes(
         match next.await.map_err(stalled)? {
             None => return Ok(None),
             Some(Ok(c)) if c.is_empty() => continue,
-            Some(Ok(c)) => return Ok(Some(c)),
+            Some(Ok(c)) => {
+                activity.moved(core.reactor.now());
+                return Ok(Some(c));
+            }
             Some(Err(e)) => {
                 ctx.note_client_error(&e);
                 return Err(Fail::Abort(format!("client body: {e}")));
@@ -1271,7 +1283,8 @@ enum BodySent {
 /// early refusal (413, 401 … with its connection kept open and the body unread), as
 /// the HTTP/1.1 relay does: its answer then goes to the client at once rather than
 /// after the write stalls out, a 502 a minute later. `side` is told the payload
-/// bytes the app took, as they go.
+/// bytes the app took, as they go, and `activity` when.
+#[allow(clippy::too_many_arguments)]
 async fn send_body_h1(
     ctx: &ConnCtx,
     upstream: &TcpConn,
@@ -1280,6 +1293,7 @@ async fn send_body_h1(
     floor: &mut Option<BodyFloor>,
     mut first: Option<Bytes>,
     side: &AppSide,
+    activity: &super::budget::Activity,
 ) -> Result<BodySent, Fail> {
     let core = &ctx.core;
     let rt = &core.rt;
@@ -1335,6 +1349,7 @@ async fn send_body_h1(
         // that chunk out.
         total = taken;
         side.body_in.set(total);
+        activity.moved(core.reactor.now());
         let _ = body.flow_control().release_capacity(chunk.len());
     }
     // Trailers are not forwarded to an HTTP/1.1 app, but a forbidden one is refused
@@ -1370,7 +1385,8 @@ async fn send_body_h1(
 
 /// Relays an HTTP/1.1 response body as DATA frames (chunked trailers as HTTP/2
 /// trailers); the next read from the app waits until the client took the last.
-/// `total`: the payload bytes handed to the client, however it ends.
+/// `total`: the payload bytes handed to the client, however it ends; `activity`
+/// is told when.
 async fn relay_h1_response(
     ctx: &ConnCtx,
     upstream: &TcpConn,
@@ -1378,6 +1394,7 @@ async fn relay_h1_response(
     framing: BodyFraming,
     send: &mut SendStream<Bytes>,
     total: &mut u64,
+    activity: &super::budget::Activity,
 ) -> Result<(), String> {
     let rt = &ctx.core.rt;
     let mut body = H1Body::new(framing, ChunkedDecoder::new);
@@ -1391,6 +1408,7 @@ async fn relay_h1_response(
                 }
                 return Err(e.to_string());
             }
+            activity.moved(ctx.core.reactor.now());
         }
         if body.done() || (progressed && !ubuf.is_empty()) {
             continue;

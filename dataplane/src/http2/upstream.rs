@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
-use appproxy_shared::fair_share::{FairShare, Slot};
+use appproxy_shared::fair_share::ClientKey;
 use appproxy_shared::model::{ProxyProtocol, UpstreamTls};
 use appproxy_shared::RequestId;
 use bytes::Bytes;
@@ -35,6 +35,7 @@ use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{HeaderName, HeaderValue};
 
+use super::budget::{Activity, Budget, Place};
 use super::io::H2Io;
 use super::stream::{is_connection_specific, pick, send_all, Done, Fail, Req};
 use super::{within, BodyFloor, ConnCtx, Stall};
@@ -59,140 +60,79 @@ thread_local! {
     static UPSTREAMS: RefCell<HashMap<SocketAddr, Vec<Pooled>>> =
         RefCell::new(HashMap::new());
     static GENERATION: Cell<u64> = const { Cell::new(0) };
-    /// This core's places for streams to HTTP/2 apps ([`AppStreamSlot`]), made
-    /// from its configuration at the first stream.
-    static APP_STREAMS: std::cell::OnceCell<std::sync::Arc<FairShare>> = const { std::cell::OnceCell::new() };
-    /// The streams of this core holding a place while they wait for their body's
-    /// first bytes, holding nothing else ([`Waiting`]), oldest first.
-    static WAITING: RefCell<std::collections::BTreeMap<u64, Rc<crate::signal::Signal>>> =
-        const { RefCell::new(std::collections::BTreeMap::new()) };
-    static WAITING_SEQ: Cell<u64> = const { Cell::new(0) };
+    /// This core's places for streams to apps ([`AppStreamSlot`]), made from its
+    /// configuration at the first stream.
+    static APP_STREAMS: RefCell<Option<Budget>> = const { RefCell::new(None) };
 }
 
-/// A stream holding a place in the core's budget while it waits for its body's
-/// first bytes (to an HTTP/1.1 app, which it is given only then): it holds no app
-/// connection, only its parsed head, so when the budget is full a stream that
-/// needs a place makes room by ending the one that has waited longest
-/// ([`AppStreamSlot::take_making_room`]), as the connection cap closes the
-/// connection idle the longest. Before, streams announcing a body they never sent
-/// held their places until the body timer (a minute), some 40 bytes each: five
-/// addresses filled a core's budget, and every other HTTP/2 client got 503 for
-/// as long as they kept it up. Removed from the list when dropped.
-pub(super) struct Waiting {
-    seq: u64,
-    /// Fired to make room.
-    pub(super) made_room: Rc<crate::signal::Signal>,
-}
-
-impl Waiting {
-    /// Enters the list.
-    pub(super) fn enter() -> Self {
-        let seq = WAITING_SEQ.with(|s| {
-            let n = s.get() + 1;
-            s.set(n);
-            n
-        });
-        let made_room = Rc::new(crate::signal::Signal::default());
-        WAITING.with(|w| w.borrow_mut().insert(seq, made_room.clone()));
-        Self { seq, made_room }
-    }
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        WAITING.with(|w| w.borrow_mut().remove(&self.seq));
-    }
-}
-
-/// Ends the stream that has waited longest for its body's first bytes, if one
-/// does: whether one did.
-fn make_room() -> bool {
-    let oldest = WAITING.with(|w| w.borrow_mut().pop_first());
-    match oldest {
-        Some((_, signal)) => {
-            signal.fire();
-            true
-        }
-        None => false,
-    }
-}
-
-/// One stream's place in the core's budget of streams from HTTP/2 clients to apps
-/// (`[http2] max_app_streams`), held for the stream's life: a stream to an HTTP/2
+/// One stream's place in the core's budget of streams to apps (`[http2]
+/// max_app_streams`, [`Budget`]), held for the stream's life: a stream to an HTTP/2
 /// app, and a stream to an HTTP/1.1 app from its start (its parsed head is memory
-/// too; while it waits for its body's first bytes it is the first to go when the
-/// budget is full: [`Waiting`]). A
-/// stream to an HTTP/2 app may make the worker buffer its window
+/// too). A stream to an HTTP/2 app may make the worker buffer its window
 /// (`app_stream_window`) from the app while its client does not read, and one to
 /// an HTTP/1.1 app holds a connection of the route's cap, so the budget bounds the
 /// core's memory and keeps a few client connections (each with up to
 /// `max_concurrent_streams` streams) from taking a route's connections; once half
-/// of it is taken an address holds at most `max_app_streams_per_address` (a
-/// [`FairShare`]), so that one client's stalled streams leave room for the others.
+/// of it is taken an address holds at most `max_app_streams_per_address`, and when
+/// all of it is, an address holding fewer places than another takes the place of
+/// that address's stream idle longest, which is ended.
 pub struct AppStreamSlot {
     /// Given back when the stream ends.
-    _slot: Slot,
+    place: Place,
 }
 
 impl AppStreamSlot {
-    /// A place for a stream of `hop`'s client (trusted proxies are held only to
-    /// the core's budget: their clients are many), or `AppStreamLimit`. With the
-    /// budget full, room is made by ending the stream that has waited longest for
-    /// its body's first bytes, when one does ([`Waiting`]): it gives its place back
-    /// as soon as it runs, which this lets it do. An address at its share makes no
-    /// room.
-    pub(super) async fn take_making_room(core: &Core, hop: &ClientHop) -> Result<Self, Fail> {
-        let refused = match Self::try_take(core, hop) {
-            Ok(slot) => return Ok(slot),
-            Err(refused) => refused,
-        };
-        // Only for a client that would get a place were one free.
-        let may_make_room = refused == appproxy_shared::fair_share::Refused::Full
-            && (hop.trusted
-                || !APP_STREAMS.with(|a| a.get().is_some_and(|s| s.holds_share(hop.peer.ip()))));
-        if may_make_room && make_room() {
-            // The stream ended runs on this core: a few turns of its queue.
-            for _ in 0..8 {
-                futures_lite::future::yield_now().await;
-                if let Ok(slot) = Self::try_take(core, hop) {
-                    return Ok(slot);
-                }
-            }
-        }
-        Err(Self::refused(core, hop))
-    }
-
-    /// Counts and logs a stream refused a place; its answer.
-    fn refused(core: &Core, hop: &ClientHop) -> Fail {
-        core.metrics
-            .add(crate::core::counter::H2_APP_STREAM_LIMIT, 1);
-        let taken = APP_STREAMS.with(|a| a.get().map_or(0, |s| s.taken()));
-        tracing::debug!(client = %hop.peer.ip(), taken, "no place for another stream to an app ([http2] max_app_streams, max_app_streams_per_address)");
-        Fail::Answer(ProxyError::AppStreamLimit)
-    }
-
-    /// A place, or why none was given.
-    fn try_take(
+    /// A place for a stream of the client at `client` (the connection's peer, or
+    /// the address a trusted proxy named: a trusted proxy's clients are counted each
+    /// by its own address) whose activity is `activity`, or `AppStreamLimit`. A
+    /// stream whose place is taken to make room is told so ([`Activity::end`]).
+    pub(super) fn take(
         core: &Core,
-        hop: &ClientHop,
-    ) -> Result<Self, appproxy_shared::fair_share::Refused> {
-        let cfg = &core.rt.http2;
+        client: std::net::IpAddr,
+        activity: &Rc<Activity>,
+    ) -> Result<Self, Fail> {
+        let key = ClientKey::of(client);
         let taken = APP_STREAMS.with(|a| {
+            let mut a = a.borrow_mut();
             // The core's budget: `max_app_streams`, within the descriptor limit; an
             // address's share at most an eighth of it (the defaults' ratio), so that
             // a budget cut down to the limit still leaves room for others.
-            let share = a.get_or_init(|| {
-                let budget = core.conns.app_streams;
-                let per_address = cfg.max_app_streams_per_address.min((budget / 8).max(1));
-                FairShare::new(budget, per_address)
+            let budget = a.get_or_insert_with(|| {
+                let max = core.conns.app_streams;
+                let cfg = &core.rt.http2;
+                let per_address = cfg.max_app_streams_per_address.min((max / 8).max(1));
+                Budget::new(max, per_address)
             });
-            if hop.trusted {
-                share.take_unshared()
-            } else {
-                share.take(hop.peer.ip())
+            budget
+                .take(key, activity)
+                .map_err(|refused| (refused, budget.taken(), budget.per_address()))
+        });
+        match taken {
+            Ok((place, ended)) => {
+                if let Some(ended) = ended {
+                    // Its task ends it at its next turn; the place is this one's now.
+                    ended.end();
+                }
+                Ok(Self { place })
+            }
+            Err((refused, taken, share)) => {
+                core.metrics
+                    .add(crate::core::counter::H2_APP_STREAM_LIMIT, 1);
+                tracing::debug!(client = %client, taken, share, refused = ?refused, "no place for another stream to an app ([http2] max_app_streams, max_app_streams_per_address)");
+                Err(Fail::Answer(ProxyError::AppStreamLimit))
+            }
+        }
+    }
+}
+
+impl Drop for AppStreamSlot {
+    fn drop(&mut self) {
+        // Not while the core's thread ends (its locals may be gone already).
+        let _ = APP_STREAMS.try_with(|a| {
+            if let Some(budget) = a.borrow_mut().as_mut() {
+                budget.give_back(self.place);
             }
         });
-        taken.map(|slot| Self { _slot: slot })
     }
 }
 
@@ -641,9 +581,12 @@ enum RelayEnd {
 
 /// Relays one direction: DATA as the destination's window allows, capacity given
 /// back to the source as frames are handed on, then the trailers (or the end).
-/// `floor`: the request body's rate floor ([`BodyFloor`]), when it has one.
+/// `floor`: the request body's rate floor ([`BodyFloor`]), when it has one;
+/// `activity` is told of each frame handed on.
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     core: &Core,
+    activity: &Activity,
     src: &mut RecvStream,
     dst: &mut SendStream<Bytes>,
     max: u64,
@@ -703,6 +646,7 @@ async fn relay(
         })?;
         // Counted once `dst` took it: an access line never counts what did not go.
         total.set(taken);
+        activity.moved(core.reactor.now());
         let _ = src.flow_control().release_capacity(n);
     }
     match src.trailers().await {
@@ -842,7 +786,7 @@ pub async fn open_stream(
     trace: Option<crate::trace::Hop>,
     end: bool,
 ) -> Result<Opened, Fail> {
-    let slot = AppStreamSlot::take_making_room(core, &hop).await?;
+    let slot = AppStreamSlot::take(core, req.client.get(), req.activity)?;
     let addr = pick(core, route, None)?;
     let (mut sender, guard, addr) = sender_route(core, route, addr, req.side).await?;
     let tls = proxy::kind_of(route, addr).tls.is_some();
@@ -931,6 +875,7 @@ pub async fn forward(
         if !end {
             match relay(
                 core,
+                req.activity,
                 &mut body,
                 &mut up_send,
                 core.rt.max_body,
@@ -1051,9 +996,20 @@ pub async fn forward(
         let mut send = respond
             .send_response(response, rend)
             .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
+        req.activity.responded();
         let bytes_out = Cell::new(0u64);
         if !rend {
-            let relayed = relay(core, &mut rbody, &mut send, 0, &bytes_out, false, None).await;
+            let relayed = relay(
+                core,
+                req.activity,
+                &mut rbody,
+                &mut send,
+                0,
+                &bytes_out,
+                false,
+                None,
+            )
+            .await;
             if let Err(RelayEnd::DestinationReset(_)) = relayed {
                 // The client reset the stream as its answer went out.
                 ctx.note_client_reset();

@@ -391,6 +391,23 @@ impl Client {
                 "a deployment no longer admits the exchange".into(),
             ))
         };
+        // An exchange whose place in the core's budget of streams to apps another
+        // client's stream took ([`crate::http2::budget`]) ends: answered 503 before
+        // anything of its answer was written, else its connection closed.
+        let activity = crate::http2::budget::Activity::new(core.reactor.now());
+        let made_room = async {
+            activity.ended().await;
+            tracing::info!("an exchange ended to make room for another address's stream");
+            core.metrics
+                .add(crate::core::counter::H2_APP_STREAM_LIMIT, 1);
+            Err(if activity.has_responded() {
+                crate::http2::stream::Fail::Abort(
+                    "ended to make room for another address's stream".into(),
+                )
+            } else {
+                crate::http2::stream::Fail::Answer(crate::http::error::ProxyError::AppStreamLimit)
+            })
+        };
         let bridged = futures_lite::future::or(
             crate::http2::bridge::forward(
                 &core,
@@ -402,8 +419,9 @@ impl Client {
                 x.id,
                 x.trace,
                 &x.side,
+                &activity,
             ),
-            revoked,
+            futures_lite::future::or(revoked, made_room),
         )
         .await;
         let bridged = bridged.map_err(|failure| failure.drained(&core, &x.side));
