@@ -74,7 +74,9 @@ pub struct WorkerSection {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_privkey: Option<PathBuf>,
     /// More pairs, served to clients whose SNI name the pair's certificate covers
-    /// (wildcards included); `tls_cert` is served otherwise.
+    /// (wildcards included): the first listed whose key signs with a scheme the
+    /// client offers (an RSA and an ECDSA pair for one name), else the first for
+    /// the name; `tls_cert` is served otherwise.
     pub tls_sni_certs: Vec<crate::tls::CertPaths>,
     /// `"all"`, a count (`2`) or a CPU list (`"0-3,6"`).
     pub cores: CoreSpec,

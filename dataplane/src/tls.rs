@@ -17,6 +17,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
 use rustls::sign::CertifiedKey;
+use rustls::SignatureScheme;
 
 use appproxy_shared::tls_roots::{self, Anchors};
 
@@ -106,8 +107,10 @@ fn load_pair(
 struct CertStore {
     /// Served when no SNI pair matches (or the client sent no SNI).
     default: Arc<CertifiedKey>,
-    /// Tried in order; the first whose leaf is valid for the SNI name wins
-    /// (wildcards per RFC 6125, as clients check them).
+    /// Tried in order; the first whose leaf is valid for the SNI name (wildcards
+    /// per RFC 6125, as clients check them) and whose key signs with a scheme the
+    /// client offers wins: an RSA and an ECDSA pair for one name each serve the
+    /// clients that verify them ([`CertStore::pick`]).
     by_name: Vec<Arc<CertifiedKey>>,
 }
 
@@ -132,7 +135,15 @@ impl CertStore {
         Ok(Self { default, by_name })
     }
 
-    fn pick(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+    /// The pair for a client naming `sni` and offering `schemes`: the first pair
+    /// valid for the name whose key signs with one of them; else the first valid
+    /// for the name (the client offers nothing it could verify: its handshake
+    /// fails as it would anyway); else the default. Before, the first pair valid
+    /// for the name was served whatever the client offered, so of an RSA and an
+    /// ECDSA pair for one name, the second was never served and clients verifying
+    /// only its kind failed.
+    fn pick(&self, sni: Option<&str>, schemes: &[SignatureScheme]) -> Arc<CertifiedKey> {
+        let mut named = None;
         if let Some(name) = sni.and_then(|s| ServerName::try_from(s).ok()) {
             for ck in &self.by_name {
                 let Some(leaf) = ck.cert.first() else {
@@ -141,12 +152,16 @@ impl CertStore {
                 let Ok(ee) = webpki::EndEntityCert::try_from(leaf) else {
                     continue;
                 };
-                if ee.verify_is_valid_for_subject_name(&name).is_ok() {
+                if ee.verify_is_valid_for_subject_name(&name).is_err() {
+                    continue;
+                }
+                if ck.key.choose_scheme(schemes).is_some() {
                     return ck.clone();
                 }
+                named.get_or_insert(ck);
             }
         }
-        self.default.clone()
+        named.unwrap_or(&self.default).clone()
     }
 }
 
@@ -169,7 +184,7 @@ impl ResolvesServerCert for Resolver {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        Some(store.pick(hello.server_name()))
+        Some(store.pick(hello.server_name(), hello.signature_schemes()))
     }
 }
 

@@ -167,6 +167,54 @@ fn s_client(port: u16, args: &[&str], input: &[u8]) -> String {
 
 const REQ: &[u8] = b"GET /s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
 
+/// An RSA and an ECDSA pair for the same name (`tls_sni_certs`, RSA first): each
+/// client gets the one it can verify, by the signature schemes it offers, over
+/// TLS 1.3 and 1.2; a client offering both gets the first listed. Before, the
+/// first pair valid for the name was served whatever the client offered: the
+/// ECDSA pair was never served, and a client verifying only ECDSA failed its
+/// handshake (nginx serves either of its `ssl_certificate`s so).
+#[test]
+fn an_rsa_and_an_ecdsa_pair_for_one_name_each_serve_the_clients_that_verify_them() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        worker_extra: format!(
+            "tls_listen = true\ntls_cert = \"{}\"\ntls_privkey = \"{}\"\ntls_sni_certs = [{{ cert = \"{}\", privkey = \"{}\" }}, {{ cert = \"{}\", privkey = \"{}\" }}]\n",
+            pki.path("wild.pem").display(),
+            pki.path("wild.key").display(),
+            pki.path("rsa.pem").display(),
+            pki.path("rsa.key").display(),
+            pki.path("ec-chain.pem").display(),
+            pki.path("ec.key").display(),
+        ),
+        extra: "[http2]\nenabled = false\n".into(),
+        ..Default::default()
+    });
+    let ca = pki.path("ca.pem");
+    let ca = ca.to_str().expect("path");
+    for version in ["-tls1_3", "-tls1_2"] {
+        for (sigalgs, bits) in [
+            (Some("ECDSA+SHA256"), 256),
+            (Some("RSA-PSS+SHA256:RSA+SHA256"), 2048),
+            (None, 2048),
+        ] {
+            let mut args = vec![version, "-CAfile", ca, "-servername", "localhost"];
+            if let Some(sigalgs) = sigalgs {
+                args.extend(["-sigalgs", sigalgs]);
+            }
+            let out = s_client(w.port, &args, REQ);
+            let case = format!("{version} {sigalgs:?}");
+            assert!(
+                out.contains(&format!("Server public key is {bits} bit")),
+                "{case}: {out}"
+            );
+            assert!(out.contains("Verify return code: 0 (ok)"), "{case}: {out}");
+            assert!(out.contains("HTTP/1.1 200"), "{case}: {out}");
+        }
+    }
+}
+
 #[test]
 fn openssl_handshake_matrix_alpn_sni_and_resumption() {
     let pki = Pki::new();
