@@ -48,6 +48,10 @@ pub struct Route {
     /// Whether the circuit's app is an RStudio Server, read once per deployment
     /// rather than compared per request.
     rstudio: bool,
+    /// For each entry of `circuit.upstreams`, the index of its address's first
+    /// entry, whose health judges the address ([`Route::record`] keeps it there);
+    /// empty (no allocation) when no address is listed twice, as for most circuits.
+    first: Box<[usize]>,
 }
 
 impl Route {
@@ -60,8 +64,17 @@ impl Route {
     /// Prepares `circuit` for routing (outside any table: nobody is told of its
     /// unhealthy upstreams).
     pub fn new(circuit: Arc<ResolvedCircuit>) -> Self {
+        let ups = &circuit.upstreams;
+        let first_of = |i: usize| ups.iter().position(|(a, _)| *a == ups[i].0).unwrap_or(i);
+        let listed_twice = (0..ups.len()).any(|i| first_of(i) != i);
+        let first = if listed_twice {
+            (0..ups.len()).map(first_of).collect()
+        } else {
+            Box::default()
+        };
         Self {
             rstudio: circuit.circuit.app.as_deref() == Some("rstudio"),
+            first,
             circuit,
             health: RefCell::new(Vec::new()),
             suspects: RefCell::new(None),
@@ -70,7 +83,8 @@ impl Route {
 
     /// Picks an upstream by `traffic_ratio` among the healthy ones (all of them when
     /// none is healthy: better a try than a certain failure), skipping `exclude`.
-    /// `draw` is uniform in [0, 1).
+    /// `draw` is uniform in [0, 1). An address listed twice is healthy or not by
+    /// its first entry, every entry of it alike.
     pub fn pick(&self, draw: f64, now: Instant, exclude: Option<SocketAddr>) -> Option<SocketAddr> {
         let health = self.health.borrow();
         let ups = &self.circuit.upstreams;
@@ -78,7 +92,7 @@ impl Route {
         let healthy = |i: usize| {
             usable(i)
                 && health
-                    .get(i)
+                    .get(self.first.get(i).copied().unwrap_or(i))
                     .is_none_or(|h| h.unhealthy_until.is_none_or(|t| t <= now))
         };
         let any_healthy = (0..ups.len()).any(healthy);
@@ -703,7 +717,12 @@ route_info = [
             upserts: vec![Arc::new(twice)],
             ..Change::default()
         });
-        assert_eq!(table.get(&id).expect("present").unhealthy(now), vec![addr]);
+        let twice_route = table.get(&id).expect("present");
+        assert_eq!(twice_route.unhealthy(now), vec![addr]);
+        // Both of its entries are out of rotation: every draw goes to the other.
+        for i in 0..100 {
+            assert_eq!(twice_route.pick(i as f64 / 100.0, now, None), Some(other));
+        }
         table.take_suspects(now);
         // Routed to another address only: nothing to carry.
         table.apply(&Change {
