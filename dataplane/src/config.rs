@@ -555,11 +555,11 @@ pub struct Http2Section {
     /// same LAN needs little window for full speed, and a connection's window is
     /// this times its streams.
     pub app_stream_window: u32,
-    /// Streams from HTTP/2 clients open to apps at once, per core: to HTTP/2 apps,
-    /// and to HTTP/1.1 apps from their start. When it is full, an address holding
-    /// fewer than the address holding most (by two or more) takes the place of that
-    /// address's stream idle longest, which is ended (503, or reset once its answer
-    /// began). With
+    /// Streams open to apps at once, per core: from HTTP/2 clients to HTTP/2 apps
+    /// and, from their start, to HTTP/1.1 apps; from HTTP/1.1 clients bridged to
+    /// HTTP/2 apps. When it is full, an address holding fewer than another (by two
+    /// or more) takes the place of that address's stream idle longest (2 s at
+    /// least, unless the address is past its share), which is ended. With
     /// `app_stream_window` it bounds what clients that do not read make the core
     /// buffer (2048 × 64 KiB = 128 MiB), and it keeps a few client connections from
     /// holding a route's app connections. A stream past it is answered 503

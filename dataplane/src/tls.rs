@@ -136,33 +136,53 @@ impl CertStore {
     }
 
     /// The pair for a client naming `sni` and offering `schemes`: the first pair
-    /// valid for the name whose key signs with one of them; else the first valid
-    /// for the name (the client offers nothing it could verify: its handshake
-    /// fails as it would anyway); else the default. Before, the first pair valid
-    /// for the name was served whatever the client offered, so of an RSA and an
-    /// ECDSA pair for one name, the second was never served and clients verifying
-    /// only its kind failed.
+    /// valid for the name whose key signs with one of them, schemes TLS 1.3 allows
+    /// tried first (rustls sees a TLS 1.3 client's PKCS#1 schemes here, and drops
+    /// them only once the pair is chosen: an ECDSA and PKCS#1-only client must get
+    /// the ECDSA pair); else the first valid for the name (the client offers
+    /// nothing it could verify: its handshake fails as it would anyway); else the
+    /// default. Before, the first pair valid for the name was served whatever the
+    /// client offered, so of an RSA and an ECDSA pair for one name, the second was
+    /// never served and clients verifying only its kind failed.
     fn pick(&self, sni: Option<&str>, schemes: &[SignatureScheme]) -> Arc<CertifiedKey> {
-        let mut named = None;
-        if let Some(name) = sni.and_then(|s| ServerName::try_from(s).ok()) {
-            for ck in &self.by_name {
-                let Some(leaf) = ck.cert.first() else {
-                    continue;
-                };
-                let Ok(ee) = webpki::EndEntityCert::try_from(leaf) else {
-                    continue;
-                };
-                if ee.verify_is_valid_for_subject_name(&name).is_err() {
-                    continue;
-                }
-                if ck.key.choose_scheme(schemes).is_some() {
-                    return ck.clone();
-                }
-                named.get_or_insert(ck);
-            }
-        }
-        named.unwrap_or(&self.default).clone()
+        let Some(name) = sni.and_then(|s| ServerName::try_from(s).ok()) else {
+            return self.default.clone();
+        };
+        let named: Vec<&Arc<CertifiedKey>> = self
+            .by_name
+            .iter()
+            .filter(|ck| {
+                ck.cert.first().is_some_and(|leaf| {
+                    webpki::EndEntityCert::try_from(leaf)
+                        .is_ok_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok())
+                })
+            })
+            .collect();
+        let modern: Vec<SignatureScheme> =
+            schemes.iter().copied().filter(|s| !is_legacy(*s)).collect();
+        [&modern[..], schemes]
+            .iter()
+            .find_map(|offered| {
+                named
+                    .iter()
+                    .find(|ck| ck.key.choose_scheme(offered).is_some())
+            })
+            .or(named.first())
+            .map_or_else(|| self.default.clone(), |ck| Arc::clone(ck))
     }
+}
+
+/// Signature schemes TLS 1.3 does not allow for its handshake signature (RFC 8446
+/// §4.2.3: PKCS#1 v1.5 and SHA-1 are for certificates and TLS 1.2 only).
+fn is_legacy(scheme: SignatureScheme) -> bool {
+    matches!(
+        scheme,
+        SignatureScheme::RSA_PKCS1_SHA1
+            | SignatureScheme::RSA_PKCS1_SHA256
+            | SignatureScheme::RSA_PKCS1_SHA384
+            | SignatureScheme::RSA_PKCS1_SHA512
+            | SignatureScheme::ECDSA_SHA1_Legacy
+    )
 }
 
 /// The resolver every handshake asks; its store is replaced whole on reload, so a

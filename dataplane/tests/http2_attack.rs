@@ -27,6 +27,7 @@ use appproxy_test_support::h2frames::{
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 const REFUSED_STREAM: u32 = 0x7;
 const PROTOCOL_ERROR: u32 = 0x1;
+const INTERNAL_ERROR: u32 = 0x2;
 
 /// `GET path` on `http://127.0.0.1`, each pseudo-header a literal without indexing.
 fn request_block(path: &str) -> Vec<u8> {
@@ -1449,14 +1450,25 @@ fn streams_that_trickle_a_body_hold_no_more_app_connections_than_their_share() {
     drop(s);
 }
 
-/// From five addresses, streams of `POST /upload` announcing a 5-byte body (IDs
-/// `hold-<address>-<n>`) fill a budget of 8 (`max_app_streams = 8`, an address's
-/// share 1): the first takes half the budget, the others their share; the next
-/// stream of each is refused for its share, which says the ones before it were
-/// placed. Each placed stream sends `sent` bytes of its body first (none: it holds
-/// nothing but its head; one: it holds an app connection). With `forwarded`, all
-/// come from 127.0.0.1, a trusted proxy naming each address in `x-forwarded-for`.
-fn fill_the_budget(w: &Worker, sent: usize, forwarded: bool) -> Vec<TcpStream> {
+/// How the streams [`fill_the_budget`] places hold their places.
+#[derive(Clone, Copy, PartialEq)]
+enum Hold {
+    /// `POST /upload` announcing a 5-byte body and sending none: nothing but the
+    /// stream's head.
+    Waiting,
+    /// The same, sending one byte of it: an app connection (or app stream).
+    Trickling,
+    /// `GET /bytes?n=1000000` on a connection that gives no window: the answer's
+    /// head goes out, then nothing.
+    Downloading,
+}
+
+/// From five addresses, streams (IDs `hold-<address>-<n>`) fill a budget of 8
+/// (`max_app_streams = 8`, an address's share 1): the first takes half the budget,
+/// the others their share; the next stream of each is refused for its share,
+/// which says the ones before it were placed. With `forwarded`, all come from
+/// 127.0.0.1, a trusted proxy naming each address in `x-forwarded-for`.
+fn fill_the_budget(w: &Worker, hold: Hold, forwarded: bool) -> Vec<TcpStream> {
     let mut conns = Vec::new();
     for (octet, placed) in [(1u8, 4u32), (2, 1), (3, 1), (4, 1), (5, 1)] {
         let from = std::net::Ipv4Addr::new(127, 0, 0, octet);
@@ -1467,23 +1479,34 @@ fn fill_the_budget(w: &Worker, sent: usize, forwarded: bool) -> Vec<TcpStream> {
         };
         s.set_write_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
-        s.write_all(&client_hello()).expect("preface");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut hello = appproxy_test_support::h2frames::PREFACE.to_vec();
+        // No window for answers (SETTINGS_INITIAL_WINDOW_SIZE = 0) when downloading.
+        let settings: &[u8] = match hold {
+            Hold::Downloading => &[0, 4, 0, 0, 0, 0],
+            Hold::Waiting | Hold::Trickling => &[],
+        };
+        hello.extend(frame(SETTINGS, 0, 0, settings));
+        s.write_all(&hello).expect("preface");
         let named = format!("10.0.0.{octet}");
         for i in 1..=placed + 1 {
             let id = format!("hold-{octet}-{i}");
-            let mut fields = vec![
-                (&b"content-length"[..], &b"5"[..]),
-                (b"x-backend-request-id", id.as_bytes()),
-            ];
+            let mut fields = vec![(&b"x-backend-request-id"[..], id.as_bytes())];
             if forwarded {
                 fields.push((b"x-forwarded-for", named.as_bytes()));
             }
-            let block = appproxy_test_support::h2frames::request("POST", "/upload", &fields);
-            s.write_all(&frame(HEADERS, END_HEADERS, 2 * i - 1, &block))
+            let (method, path, flags) = if hold == Hold::Downloading {
+                ("GET", "/bytes?n=1000000", END_HEADERS | END_STREAM)
+            } else {
+                fields.push((b"content-length", b"5"));
+                ("POST", "/upload", END_HEADERS)
+            };
+            let block = appproxy_test_support::h2frames::request(method, path, &fields);
+            s.write_all(&frame(HEADERS, flags, 2 * i - 1, &block))
                 .expect("headers");
-            if i <= placed && sent > 0 {
-                s.write_all(&frame(DATA, 0, 2 * i - 1, &b"hello"[..sent]))
-                    .expect("data");
+            if i <= placed && hold == Hold::Trickling {
+                s.write_all(&frame(DATA, 0, 2 * i - 1, b"h")).expect("data");
             }
         }
         let over = format!("hold-{octet}-{}", placed + 1);
@@ -1491,6 +1514,44 @@ fn fill_the_budget(w: &Worker, sent: usize, forwarded: bool) -> Vec<TcpStream> {
         conns.push(s);
     }
     conns
+}
+
+/// Reads `s` until stream `id` is reset: the reset's error code, `None` if the
+/// connection ended or went silent first.
+fn reset_of(s: &mut TcpStream, id: u32) -> Option<u32> {
+    loop {
+        let (ty, _, stream, payload) = read_frame(s)?;
+        if ty == RST_STREAM && stream == id {
+            return Some(u32::from_be_bytes(payload.get(..4)?.try_into().ok()?));
+        }
+    }
+}
+
+/// The ended stream among the first address's placed ones (`hold-1-1` … `hold-1-4`),
+/// once exactly one of them has ended, with the other addresses' refusals: its ID
+/// and its stream's number.
+fn the_one_made_room(w: &Worker) -> (String, u32) {
+    common::eventually("the ended stream's access line", || {
+        ended_holders(w).len() == 6
+    });
+    let ended = ended_holders(w);
+    let made_room: Vec<&String> = ended
+        .iter()
+        .filter(|id| id.starts_with("hold-1-") && *id != "hold-1-5")
+        .collect();
+    assert_eq!(made_room.len(), 1, "{ended:?}");
+    for id in ["hold-2-2", "hold-3-2", "hold-4-2", "hold-5-2"] {
+        assert!(ended.iter().any(|e| e == id), "{ended:?}");
+    }
+    let n: u32 = made_room[0]["hold-1-".len()..].parse().expect("a number");
+    (made_room[0].clone(), 2 * n - 1)
+}
+
+/// A client at a sixth address asks for `/` over HTTP/2: its status.
+fn sixth_address_asks(w: &Worker, extra: &[&str]) -> String {
+    let mut args = vec!["-H", "x-backend-request-id: served-6"];
+    args.extend(extra);
+    h2_status(w, "/", &args)
 }
 
 /// The streams `hold-…` whose access lines are written (they ended), sorted.
@@ -1521,22 +1582,10 @@ fn streams_waiting_for_a_body_make_room_for_others_when_the_budget_is_full() {
         &up,
         "[timeouts]\nbody_idle_secs = 60\n[http2]\nmax_app_streams = 8\n",
     );
-    let conns = fill_the_budget(&w, 0, false);
+    let conns = fill_the_budget(&w, Hold::Waiting, false);
     // The budget is full. A client at a sixth address is served: the first
     // address's stream that waited longest made room.
-    assert_eq!(
-        h2_status(
-            &w,
-            "/",
-            &[
-                "--interface",
-                "127.0.0.6",
-                "-H",
-                "x-backend-request-id: served-6"
-            ]
-        ),
-        "200"
-    );
+    assert_eq!(sixth_address_asks(&w, &["--interface", "127.0.0.6"]), "200");
     let made_room = w.wait_access_line("hold-1-1");
     assert_eq!(made_room["status"], 503, "{made_room}");
     assert_eq!(made_room["method"], "POST");
@@ -1556,7 +1605,7 @@ fn streams_waiting_for_a_body_make_room_for_others_when_the_budget_is_full() {
 /// Streams that send one byte of their body and then nothing hold an app
 /// connection each, under the body timers and rate floor: when the budget is full,
 /// another address takes the place of the stream idle longest of the address
-/// holding most, which is ended (503 `app_stream_limit`, its app connection
+/// holding most, which is ended (reset: its app had it; its app connection
 /// closed). Before, only streams still waiting for their body's first bytes made
 /// room, and five addresses sending one byte per stream (a verifier's find) kept
 /// every other HTTP/2 client of the core at 503.
@@ -1567,48 +1616,28 @@ fn streams_trickling_a_body_make_room_for_another_address() {
         &up,
         "[timeouts]\nbody_idle_secs = 60\n[http2]\nmax_app_streams = 8\n",
     );
-    let conns = fill_the_budget(&w, 1, false);
+    let mut conns = fill_the_budget(&w, Hold::Trickling, false);
     // Each placed stream holds an app connection: its byte went on.
     common::eventually("eight app connections", || {
         up.connections.load(std::sync::atomic::Ordering::SeqCst) == 8
     });
-    assert_eq!(
-        h2_status(
-            &w,
-            "/",
-            &[
-                "--interface",
-                "127.0.0.6",
-                "-H",
-                "x-backend-request-id: served-6"
-            ]
-        ),
-        "200"
-    );
+    assert_eq!(sixth_address_asks(&w, &["--interface", "127.0.0.6"]), "200");
     // One stream of the first address (it held four places) was ended, no other.
-    common::eventually("the ended stream's access line", || {
-        ended_holders(&w).len() == 6
-    });
-    let ended = ended_holders(&w);
-    let made_room: Vec<&String> = ended
-        .iter()
-        .filter(|id| id.starts_with("hold-1-") && *id != "hold-1-5")
-        .collect();
-    assert_eq!(made_room.len(), 1, "{ended:?}");
-    assert_eq!(w.wait_access_line(made_room[0])["status"], 503);
-    assert!(
-        ["hold-2-2", "hold-3-2", "hold-4-2", "hold-5-2"]
-            .iter()
-            .all(|id| ended.iter().any(|e| e == id)),
-        "{ended:?}"
-    );
+    // Its app had its head and a byte: no answer of the proxy's tells its client
+    // to send it again; it is reset, its access line saying it was not answered.
+    let (id, stream) = the_one_made_room(&w);
+    assert_eq!(w.wait_access_line(&id)["status"], 0);
+    assert_eq!(reset_of(&mut conns[0], stream), Some(INTERNAL_ERROR));
+    assert!(w
+        .log_text()
+        .contains("ended to make room for another address's stream"));
     drop(conns);
 }
 
 /// Streams to an `http2` circuit hold a stream to the app from their start (and
 /// gRPC ones are exempt from the body's rate floor): when the budget is full,
 /// another address takes the place of the stream idle longest of the address
-/// holding most, which is ended (503 before its answer; the app's stream is
+/// holding most, which is ended (reset: its app had it; the app's stream is
 /// cancelled). Before, only streams to HTTP/1.1 apps still waiting for their body
 /// made room, and five addresses holding streams to an HTTP/2 app kept every
 /// other HTTP/2 client of the core at 503.
@@ -1627,30 +1656,40 @@ fn streams_to_an_http2_app_make_room_for_another_address() {
         circuit_extra: "protocol = \"http2\"".into(),
         ..Default::default()
     });
-    let conns = fill_the_budget(&w, 0, false);
-    assert_eq!(
-        h2_status(
-            &w,
-            "/",
-            &[
-                "--interface",
-                "127.0.0.6",
-                "-H",
-                "x-backend-request-id: served-6"
-            ]
-        ),
-        "200"
+    let mut conns = fill_the_budget(&w, Hold::Waiting, false);
+    assert_eq!(sixth_address_asks(&w, &["--interface", "127.0.0.6"]), "200");
+    // The ended stream's head went to the app: reset, not answered.
+    let (id, stream) = the_one_made_room(&w);
+    assert_eq!(w.wait_access_line(&id)["status"], 0);
+    assert_eq!(reset_of(&mut conns[0], stream), Some(INTERNAL_ERROR));
+    drop(conns);
+}
+
+/// A stream whose answer began (its head went out, its client gives no window)
+/// and whose address holds more than its share is ended to make room as an answer
+/// cut short is: reset, its access line naming the answer's status and the bytes
+/// the client got, and the cut's reason logged.
+#[test]
+fn a_stream_ended_after_its_answer_began_is_logged_as_a_cut() {
+    let up = Upstream::start();
+    let w = worker(
+        &up,
+        "[timeouts]\nbody_idle_secs = 60\nresponse_idle_secs = 60\n[http2]\nmax_app_streams = 8\n",
     );
-    common::eventually("the ended stream's access line", || {
-        ended_holders(&w).len() == 6
+    let mut conns = fill_the_budget(&w, Hold::Downloading, false);
+    assert_eq!(sixth_address_asks(&w, &["--interface", "127.0.0.6"]), "200");
+    let (id, stream) = the_one_made_room(&w);
+    let line = w.wait_access_line(&id);
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["bytes_out"], 0, "no window, no bytes: {line}");
+    assert_eq!(reset_of(&mut conns[0], stream), Some(INTERNAL_ERROR));
+    let cut = w.wait_log("response cut", |v| {
+        v["message"] == "response cut" && v["request_id"] == id.as_str()
     });
-    let ended = ended_holders(&w);
-    let made_room: Vec<&String> = ended
-        .iter()
-        .filter(|id| id.starts_with("hold-1-") && *id != "hold-1-5")
-        .collect();
-    assert_eq!(made_room.len(), 1, "{ended:?}");
-    assert_eq!(w.wait_access_line(made_room[0])["status"], 503);
+    assert_eq!(
+        cut[0]["reason"], "ended to make room for another address's stream",
+        "{cut:?}"
+    );
     drop(conns);
 }
 
@@ -1668,37 +1707,17 @@ fn a_trusted_proxys_clients_each_hold_their_own_share() {
         worker_extra: "trusted_proxies = [\"127.0.0.1/32\"]".into(),
         ..Default::default()
     });
-    let conns = fill_the_budget(&w, 1, true);
+    let conns = fill_the_budget(&w, Hold::Trickling, true);
     common::eventually("eight app connections", || {
         up.connections.load(std::sync::atomic::Ordering::SeqCst) == 8
     });
     // Another client of the proxy, named 10.0.0.6: the first named client holds
     // four places, so a stream of it was ended to make room.
     assert_eq!(
-        h2_status(
-            &w,
-            "/",
-            &[
-                "-H",
-                "x-forwarded-for: 10.0.0.6",
-                "-H",
-                "x-backend-request-id: served-6"
-            ]
-        ),
+        sixth_address_asks(&w, &["-H", "x-forwarded-for: 10.0.0.6"]),
         "200"
     );
-    common::eventually("the ended stream's access line", || {
-        ended_holders(&w).len() == 6
-    });
-    let ended = ended_holders(&w);
-    assert_eq!(
-        ended
-            .iter()
-            .filter(|id| id.starts_with("hold-1-") && *id != "hold-1-5")
-            .count(),
-        1,
-        "{ended:?}"
-    );
+    the_one_made_room(&w);
     drop(conns);
 }
 

@@ -93,7 +93,7 @@ pub async fn forward(
         };
     }
     let (mut response, mut up_send, mut _on_conn, mut addr) =
-        upstream::open_stream(core, hop, route, &req!(), &id, trace, end).await?;
+        upstream::open_stream(core, hop, route, &req!(), &id, trace, end, None).await?;
     // A request without a body keeps its head in the client buffer until the
     // answer's head came: a stream the app never processed is sent again once
     // ([`upstream::retry_of`]).
@@ -108,9 +108,6 @@ pub async fn forward(
     let mut early = None;
     let mut answered = None;
     if !end && head.expect_continue && cbuf.is_empty() {
-        // From the first byte written to the client on, no answer of the proxy's
-        // can follow (the stream is ended by closing the connection).
-        activity.responded();
         conn.set_timeout(rt.body_idle_timeout);
         let mut out = Vec::with_capacity(64);
         crate::http::encode::continue_response(
@@ -239,7 +236,6 @@ pub async fn forward(
                             );
                         }
                         out.extend_from_slice(b"\r\n");
-                        activity.responded();
                         conn.set_timeout(rt.body_idle_timeout);
                         conn.write_all(&out)
                             .await
@@ -255,7 +251,18 @@ pub async fn forward(
                     tracing::info!(upstream = %addr, error = %e, "the app did not process the stream; sending it again");
                     attempt = attempt.again();
                     (response, up_send, _on_conn, addr) =
-                        upstream::open_stream(core, hop, route, &req!(), &id, trace, end).await?;
+                        // In the place the first stream took: one per exchange.
+                        upstream::open_stream(
+                            core,
+                            hop,
+                            route,
+                            &req!(),
+                            &id,
+                            trace,
+                            end,
+                            Some(_on_conn.1),
+                        )
+                        .await?;
                 }
                 Some(NextHead::Final(Err(e))) => {
                     return Err(upstream::response_failure(core, route, addr, e))
@@ -303,7 +310,7 @@ pub async fn forward(
     }
     crate::http::encode::Keep::of(!keep_alive, head.version).push_field(&mut out);
     out.extend_from_slice(b"\r\n");
-    activity.responded();
+    activity.responded(status);
     conn.set_timeout(rt.body_idle_timeout);
     conn.write_all(&out)
         .await
@@ -603,7 +610,7 @@ async fn relay_response(
             conn.write_all(&chunk).await
         };
         wrote.map_err(|e| format!("client write: {e}"))?;
-        activity.moved(core.reactor.now());
+        activity.sent(core.reactor.now(), chunk.len());
         core.metrics
             .add(crate::core::counter::BYTES_OUT, chunk.len() as u64);
         let _ = body.flow_control().release_capacity(chunk.len());

@@ -8,27 +8,36 @@
 //! Until half the places are taken an address takes as many as it asks for; past
 //! half, an address holding its share (`max_app_streams_per_address`) gets no more.
 //!
-//! When every place is taken, a stream of an address holding fewer places than the
-//! address holding most (by more than the one it asks for) takes one of that
-//! address's: the one whose stream moved no bytes for longest is ended
-//! ([`Activity::ended`]). So no set of addresses keeps another address from holding
-//! as many places as each of them does, whatever their streams do to hold their
-//! places (wait for a body, trickle one, wait on an app, never read the answer):
-//! before, the first address took half the budget and four more their shares, and
-//! five addresses (one IPv6 /56) refused every other client of the core. Between
-//! addresses holding as many places, or one fewer, nothing is taken, so streams are
-//! not ended in turn, and a stream of an address holding one place is ended only
-//! for an address holding none when no address holds two. What the rule cannot
-//! give: a place to a client when as many addresses as places (an IPv6 /53's /64s)
-//! hold one each; the budget bounds memory, and the core is then full.
+//! When every place is taken, a stream of an address holding fewer places than
+//! another by two or more takes one of that address's places: among the addresses
+//! holding most (up to [`SCANNED`] of them, each holding two more than the
+//! newcomer at least), the place whose stream moved no bytes for longest, when it
+//! has moved none for [`MIN_IDLE`] or its address holds more than its share (it
+//! took them while the budget was mostly free). That stream is ended
+//! ([`Activity::ended`]). So addresses holding places idly, however they hold them
+//! (a stream waiting for a body, trickling one now and then, waiting on an app,
+//! never reading its answer), cannot keep another address from a place while they
+//! hold more than it: before, the first address took half the budget and four
+//! more their shares, and five addresses (one IPv6 /56) refused every other client
+//! of the core. A stream moving bytes keeps its place unless its address holds
+//! more than its share. Between addresses holding as many places, or one fewer,
+//! nothing is taken, so streams are not ended in turn, and an address holding one
+//! place never loses it.
 //!
-//! Pure bookkeeping (no I/O, no clock of its own): the stream tells its
+//! What the rule cannot give: a place when every address holds at most one more
+//! than the newcomer would (as many addresses as places: 2048 IPv6 /64s, a /53),
+//! or when the addresses holding more hold their shares with streams that move
+//! bytes every [`MIN_IDLE`] (eight addresses at the defaults, each stream under the
+//! body's rate floor where it has one). The budget then bounds the core's memory,
+//! and refusals are 503 as before.
+//!
+//! Pure bookkeeping (no I/O; the caller's clock): the stream tells its
 //! [`Activity`]; the caller ends the stream whose place was taken.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use appproxy_shared::fair_share::{ClientKey, Refused};
 
@@ -38,9 +47,10 @@ use crate::signal::Signal;
 pub struct Activity {
     /// When its last bytes moved, either way (its start until then).
     last: Cell<Instant>,
-    /// Whether its answer's head went to the client: a stream ended after it is
-    /// reset, one ended before answered 503.
-    responded: Cell<bool>,
+    /// The status of the answer whose head went to the client (0: none yet).
+    status: Cell<u16>,
+    /// The answer's payload bytes given to the client.
+    sent: Cell<u64>,
     /// Fired when its place was taken to make room.
     ended: Signal,
 }
@@ -50,25 +60,38 @@ impl Activity {
     pub fn new(now: Instant) -> Rc<Self> {
         Rc::new(Self {
             last: Cell::new(now),
-            responded: Cell::new(false),
+            status: Cell::new(0),
+            sent: Cell::new(0),
             ended: Signal::default(),
         })
     }
 
-    /// Bytes of the stream moved `now` (its body taken from the client or given to
-    /// the app, its answer given to the client).
+    /// Bytes of the request moved `now` (its body taken from the client and given
+    /// to the app).
     pub fn moved(&self, now: Instant) {
         self.last.set(now);
     }
 
-    /// The answer's head went to the client.
-    pub fn responded(&self) {
-        self.responded.set(true);
+    /// `n` bytes of the answer given to the client `now`.
+    pub fn sent(&self, now: Instant, n: usize) {
+        self.last.set(now);
+        self.sent.set(self.sent.get() + n as u64);
     }
 
-    /// Whether the answer's head went to the client.
-    pub fn has_responded(&self) -> bool {
-        self.responded.get()
+    /// The answer's head (`status`) went to the client: from then on the stream is
+    /// cut, never answered by the proxy.
+    pub fn responded(&self, status: u16) {
+        self.status.set(status);
+    }
+
+    /// The status of the answer begun, if one was.
+    pub fn status(&self) -> Option<u16> {
+        Some(self.status.get()).filter(|&s| s != 0)
+    }
+
+    /// The answer's payload bytes given to the client.
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.get()
     }
 
     /// Resolves once the stream's place was taken to make room for another's.
@@ -81,6 +104,15 @@ impl Activity {
         self.ended.fire();
     }
 }
+
+/// How long a stream must have moved no bytes before its place may be taken,
+/// unless its address holds more than its share: a transfer in progress is never
+/// cut to make room for another address's stream.
+pub const MIN_IDLE: Duration = Duration::from_secs(2);
+
+/// The most addresses looked at for a place to take, those holding most first:
+/// the work of making room stays bounded however many addresses hold places.
+pub const SCANNED: usize = 8;
 
 /// A place in the [`Budget`]: whose, and which.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,22 +147,23 @@ impl Budget {
         }
     }
 
-    /// A place for a stream of the client at `key`, whose activity is `activity`;
-    /// with it, the activity of the stream whose place was taken to make room, for
-    /// the caller to end ([`Activity::end`]). Refused `AddressShare` past half the
-    /// budget when the address holds its share, `Full` when every place is taken
-    /// and no address holds more than one more than this one would.
+    /// A place for a stream of the client at `key`, whose activity is `activity`,
+    /// `now`; with it, the activity of the stream whose place was taken to make
+    /// room, for the caller to end ([`Activity::end`]). Refused `AddressShare` past
+    /// half the budget when the address holds its share, `Full` when every place is
+    /// taken and none may be taken for it (the module's rule).
     pub fn take(
         &mut self,
         key: ClientKey,
         activity: &Rc<Activity>,
+        now: Instant,
     ) -> Result<(Place, Option<Rc<Activity>>), Refused> {
         let mine = self.count(key);
         if self.total >= self.max / 2 && mine >= self.per_address {
             return Err(Refused::AddressShare);
         }
         let ended = if self.total >= self.max {
-            Some(self.make_room(mine).ok_or(Refused::Full)?)
+            Some(self.make_room(mine, now).ok_or(Refused::Full)?)
         } else {
             None
         };
@@ -165,20 +198,30 @@ impl Budget {
         self.held.get(&key).map_or(0, BTreeMap::len)
     }
 
-    /// Takes, for an address holding `mine`, the place of the address holding most
-    /// whose stream moved no bytes for longest (the earliest taken among equals),
-    /// when that address holds more than `mine + 1`: its stream's activity.
-    fn make_room(&mut self, mine: usize) -> Option<Rc<Activity>> {
-        let &(most, key) = self.by_count.last()?;
-        if most <= mine + 1 {
-            return None;
+    /// Takes, for an address holding `mine`, a place of one of the [`SCANNED`]
+    /// addresses holding most that hold two more than `mine` at least: the one whose
+    /// stream moved no bytes for longest (the earliest taken among equals), among
+    /// those idle for [`MIN_IDLE`] or held by an address past its share. Its
+    /// stream's activity.
+    fn make_room(&mut self, mine: usize, now: Instant) -> Option<Rc<Activity>> {
+        let mut best: Option<(Instant, u64, ClientKey)> = None;
+        for &(count, key) in self.by_count.iter().rev().take(SCANNED) {
+            if count <= mine + 1 {
+                break;
+            }
+            let past_share = count > self.per_address;
+            let idlest = self
+                .held
+                .get(&key)?
+                .iter()
+                .map(|(id, a)| (a.last.get(), *id))
+                .min()?;
+            let idle_enough = now.saturating_duration_since(idlest.0) >= MIN_IDLE;
+            if (idle_enough || past_share) && best.is_none_or(|(t, id, _)| idlest < (t, id)) {
+                best = Some((idlest.0, idlest.1, key));
+            }
         }
-        let id = self
-            .held
-            .get(&key)?
-            .iter()
-            .min_by_key(|(id, a)| (a.last.get(), **id))
-            .map(|(id, _)| *id)?;
+        let (_, id, key) = best?;
         self.remove(Place { key, id })
     }
 
@@ -209,7 +252,6 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn key(last: u8) -> ClientKey {
         ClientKey::of(std::net::IpAddr::from([10, 0, 0, last]))
@@ -240,7 +282,7 @@ mod tests {
         /// the index of the stream ended to make room, if one was.
         fn take(&mut self, from: u8, secs: u64) -> Result<(usize, Option<usize>), Refused> {
             let activity = Activity::new(self.at(secs));
-            let (place, ended) = self.budget.take(key(from), &activity)?;
+            let (place, ended) = self.budget.take(key(from), &activity, self.at(secs))?;
             let ended = ended.map(|e| {
                 e.end();
                 self.places
@@ -250,6 +292,12 @@ mod tests {
             });
             self.places.push((place, activity));
             Ok((self.places.len() - 1, ended))
+        }
+
+        /// Whether the stream of place `i` was told it ended.
+        fn told(&self, i: usize) -> bool {
+            let told = futures_lite::future::poll_once(self.places[i].1.ended());
+            futures_lite::future::block_on(told).is_some()
         }
 
         fn taken_by(&self, from: u8) -> usize {
@@ -282,26 +330,22 @@ mod tests {
             f.take(a, 10).expect("a share");
         }
         assert_eq!(f.budget.taken(), 8);
-        // The first address's streams: the third moves on, the first and second
-        // (started first) too, the fourth (started last) not since its start.
+        // The first address's streams: the first three moved later, the fourth
+        // (started last) not since its start.
         f.places[0].1.moved(f.at(20));
-        f.places[1].1.moved(f.at(21));
+        f.places[1].1.sent(f.at(21), 10);
         f.places[2].1.moved(f.at(22));
         let (_, ended) = f.take(6, 30).expect("room made");
         assert_eq!(ended, Some(3), "the stream idle longest");
-        let told = futures_lite::future::poll_once(f.places[3].1.ended());
-        assert!(
-            futures_lite::future::block_on(told).is_some(),
-            "told it ended"
-        );
+        assert!(f.told(3) && !f.told(0));
         assert_eq!((f.taken_by(1), f.taken_by(6)), (3, 1));
         assert_eq!(f.budget.taken(), 8);
-        // Its holder, and the holders of one place each, take nothing back: no
-        // address holds more than one more than they would.
+        // An address at its share takes nothing, even with others past theirs.
         assert_eq!(f.take(2, 31), Err(Refused::AddressShare));
         assert_eq!(f.take(7, 31).map(|t| t.1), Ok(Some(0)));
         assert_eq!(f.take(8, 31).map(|t| t.1), Ok(Some(1)));
         assert_eq!(f.taken_by(1), 1);
+        // Nobody holds two more than a newcomer: nothing is taken.
         assert_eq!(f.take(9, 31), Err(Refused::Full));
         // The stream ended gives back nothing more than it held.
         let (place, _) = f.places[3];
@@ -314,9 +358,10 @@ mod tests {
         assert_eq!(f.budget.by_count.len(), 7);
     }
 
-    /// Equal holders never end each other's streams: a flood from addresses under
-    /// their share ends the places of the one holding most, never a stream of an
-    /// address holding one (an upload whose body comes late).
+    /// A flood from addresses under their share, each holding about as many
+    /// places, ends none of the others' streams, nor the place of an address
+    /// holding one (an upload whose body comes late); a newcomer takes from one of
+    /// the flood's addresses.
     #[test]
     fn holders_of_about_as_many_take_nothing_from_each_other() {
         let mut f = Fixture::new(12, 4);
@@ -337,22 +382,91 @@ mod tests {
         }
         assert!(ended.is_empty(), "{ended:?}");
         assert_eq!(f.taken_by(9), 1);
-        // A newcomer takes from one of the flood's addresses, not the upload.
         let (_, ended) = f.take(10, 30).expect("room made");
-        assert_ne!(ended, Some(0));
+        let ended = ended.expect("a place taken");
+        assert_ne!(f.places[ended].0.key, key(9));
         assert_eq!(f.taken_by(9), 1);
+        assert_eq!((1..=4).map(|a| f.taken_by(a)).sum::<usize>(), 10);
     }
 
-    /// One address of one place each everywhere: nobody holds more, nothing is
-    /// taken.
+    /// One place per address everywhere: nobody holds more, nothing is taken.
     #[test]
     fn a_budget_held_one_place_per_address_makes_no_room() {
         let mut f = Fixture::new(4, 1);
         for a in 1..=4 {
             f.take(a, 0).expect("a place");
         }
-        assert_eq!(f.take(5, 1), Err(Refused::Full));
+        assert_eq!(f.take(5, 10), Err(Refused::Full));
         assert_eq!(f.budget.taken(), 4);
+    }
+
+    /// A stream that moved bytes within [`MIN_IDLE`] keeps its place while its
+    /// address holds no more than its share; past its share, it may lose it.
+    #[test]
+    fn a_transfer_in_progress_keeps_its_place_unless_its_address_is_past_its_share() {
+        let mut f = Fixture::new(8, 2);
+        // Two addresses at their share, every stream moving bytes now and then;
+        // two more holding one each.
+        for a in [1, 1, 2, 2, 3, 3] {
+            f.take(a, 0).expect("a place");
+        }
+        f.take(4, 0).expect("a place");
+        f.take(5, 0).expect("a place");
+        for i in 0..6 {
+            f.places[i].1.sent(f.at(9), 1);
+        }
+        assert_eq!(
+            f.take(6, 10),
+            Err(Refused::Full),
+            "all moving, all in share"
+        );
+        // One of them stops: its place is taken once it has been idle long enough.
+        f.places[2].1.moved(f.at(10));
+        for i in [0, 1, 3, 4, 5] {
+            f.places[i].1.sent(f.at(11), 1);
+        }
+        assert_eq!(f.take(6, 11), Err(Refused::Full), "idle for 1 s only");
+        for i in [0, 1, 3, 4, 5] {
+            f.places[i].1.sent(f.at(12), 1);
+        }
+        assert_eq!(f.take(6, 12).map(|t| t.1), Ok(Some(2)));
+        // An address past its share (it took four while the budget was mostly
+        // free) loses even a stream that moves.
+        let mut f = Fixture::new(8, 1);
+        for _ in 0..4 {
+            f.take(1, 0).expect("half the budget");
+        }
+        for a in 2..=5 {
+            f.take(a, 0).expect("a share");
+        }
+        for i in 0..4 {
+            f.places[i].1.sent(f.at(10), 1);
+        }
+        assert_eq!(f.take(6, 10).map(|t| t.1), Ok(Some(0)));
+    }
+
+    /// Among the addresses holding most, the idlest stream of any of them goes
+    /// (not the one of the highest address); among equally idle streams, the one
+    /// that took its place first.
+    #[test]
+    fn ties_go_to_the_idlest_stream_then_the_earliest_place() {
+        let mut f = Fixture::new(8, 3);
+        for a in [1, 1, 1, 2, 2, 2] {
+            f.take(a, 0).expect("a place");
+        }
+        f.take(3, 0).expect("a place");
+        f.take(4, 0).expect("a place");
+        // The highest address's streams moved; the lowest's did not.
+        for i in 3..6 {
+            f.places[i].1.sent(f.at(5), 1);
+        }
+        assert_eq!(
+            f.take(5, 10).map(|t| t.1),
+            Ok(Some(0)),
+            "idlest, then earliest"
+        );
+        assert_eq!(f.take(6, 10).map(|t| t.1), Ok(Some(1)));
+        assert!(f.told(0) && f.told(1) && !f.told(2));
     }
 
     /// IPv6 clients are counted by /64: one host's addresses hold one share.
@@ -363,11 +477,11 @@ mod tests {
         let a = Activity::new(now);
         for last in 1..=2u16 {
             let ip = std::net::IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, last]);
-            b.take(ClientKey::of(ip), &a).expect("a place");
+            b.take(ClientKey::of(ip), &a, now).expect("a place");
         }
         let ip = std::net::IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 9]);
         assert_eq!(
-            b.take(ClientKey::of(ip), &a).err(),
+            b.take(ClientKey::of(ip), &a, now).err(),
             Some(Refused::AddressShare)
         );
     }

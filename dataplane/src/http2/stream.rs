@@ -445,18 +445,7 @@ async fn serve_stream(
             "a deployment no longer admits the stream".into(),
         ))
     };
-    // A stream whose place in the core's budget another client's stream took
-    // ([`super::budget`]) ends: answered 503 before its answer began, else reset.
-    let made_room = async {
-        req.activity.ended().await;
-        tracing::info!("a stream ended to make room for another address's");
-        core.metrics.add(counter::H2_APP_STREAM_LIMIT, 1);
-        Err(if req.activity.has_responded() {
-            Fail::Abort("ended to make room for another address's stream".into())
-        } else {
-            Fail::Answer(ProxyError::AppStreamLimit)
-        })
-    };
+    let made_room = made_room(core, req.activity, req.side);
     let exchange = async {
         if h2_app {
             super::upstream::forward(ctx, &route, req, body, respond, id, trace).await
@@ -523,6 +512,36 @@ async fn serve_stream(
             });
         }
     }
+}
+
+/// Why a stream ended to make room for another address's ([`super::budget`]).
+const MADE_ROOM: &str = "ended to make room for another address's stream";
+
+/// Resolves once the place in the core's budget of the stream (or bridged
+/// exchange) whose `activity` and app `side` these are was taken for another
+/// address's stream: how it ends. Before the app was given it, answered 503
+/// `app_stream_limit` (safe to send again, as for a stream refused a place); once
+/// its answer began, cut as an answer cut short is (its status and bytes on its
+/// access line); in between, aborted (the app may have it: no answer says to send
+/// it again).
+pub(crate) async fn made_room<T>(
+    core: &crate::core::Core,
+    activity: &super::budget::Activity,
+    side: &AppSide,
+) -> Result<T, Fail> {
+    activity.ended().await;
+    tracing::info!("a stream ended to make room for another address's");
+    core.metrics.add(counter::H2_APP_STREAM_LIMIT, 1);
+    Err(match (side.addr.get(), activity.status()) {
+        (None, _) => Fail::Answer(ProxyError::AppStreamLimit),
+        (Some(upstream), Some(status)) => Fail::Cut(retry::Cut {
+            reason: MADE_ROOM.into(),
+            status,
+            bytes: (side.body_in.get(), activity.bytes_sent()),
+            upstream,
+        }),
+        (Some(_), None) => Fail::Abort(MADE_ROOM.into()),
+    })
 }
 
 /// The gRPC status for one of the proxy's HTTP answers (the gRPC project's
@@ -1097,7 +1116,7 @@ async fn forward_h1(
     let mut send = respond
         .send_response(response, bodiless)
         .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
-    req.activity.responded();
+    req.activity.responded(status);
     let mut bytes_out = 0;
     if !bodiless {
         let relayed = relay_h1_response(
@@ -1401,14 +1420,15 @@ async fn relay_h1_response(
     while !body.done() {
         let (data, progressed) = body.take(ubuf).map_err(|e| format!("chunked: {e}"))?;
         if !data.is_empty() {
-            *total += data.len() as u64;
+            let n = data.len();
+            *total += n as u64;
             if let Err(e) = send_all(&ctx.core, send, data).await {
                 if matches!(e, SendEnd::Closed(_)) {
                     ctx.note_client_reset();
                 }
                 return Err(e.to_string());
             }
-            activity.moved(ctx.core.reactor.now());
+            activity.sent(ctx.core.reactor.now(), n);
         }
         if body.done() || (progressed && !ubuf.is_empty()) {
             continue;

@@ -9,7 +9,8 @@
 //! window, never the connection's that the others need. That window (`app_stream_window`)
 //! is all a stalled stream makes the worker buffer, and a core has at most
 //! `max_app_streams` such streams, shared fairly by client address
-//! ([`AppStreamSlot`]); a stream past them gets 503. A stream is
+//! ([`AppStreamSlot`], [`super::budget`]); a stream past them gets 503, or takes
+//! the place of an idle stream of an address holding more. A stream is
 //! relayed both ways at once (bidirectional gRPC streams), trailers included; each
 //! DATA frame's capacity goes back to its sender only once the other side has taken
 //! it, so a stream holds at most a window in flight, never a whole body. A client
@@ -104,7 +105,7 @@ impl AppStreamSlot {
                 Budget::new(max, per_address)
             });
             budget
-                .take(key, activity)
+                .take(key, activity, core.reactor.now())
                 .map_err(|refused| (refused, budget.taken(), budget.per_address()))
         });
         match taken {
@@ -646,7 +647,11 @@ async fn relay(
         })?;
         // Counted once `dst` took it: an access line never counts what did not go.
         total.set(taken);
-        activity.moved(core.reactor.now());
+        if request {
+            activity.moved(core.reactor.now());
+        } else {
+            activity.sent(core.reactor.now(), n);
+        }
         let _ = src.flow_control().release_capacity(n);
     }
     match src.trailers().await {
@@ -776,7 +781,10 @@ pub type Opened = (
     SocketAddr,
 );
 
-/// Picks the app, gets a ready HTTP/2 connection to it and sends the request head.
+/// Picks the app, gets a ready HTTP/2 connection to it and sends the request head,
+/// in `place` (a retry's: the exchange keeps the one place it took), else in a
+/// place it takes.
+#[allow(clippy::too_many_arguments)]
 pub async fn open_stream(
     core: &Core,
     hop: ClientHop,
@@ -785,8 +793,12 @@ pub async fn open_stream(
     id: &RequestId,
     trace: Option<crate::trace::Hop>,
     end: bool,
+    place: Option<AppStreamSlot>,
 ) -> Result<Opened, Fail> {
-    let slot = AppStreamSlot::take(core, req.client.get(), req.activity)?;
+    let slot = match place {
+        Some(slot) => slot,
+        None => AppStreamSlot::take(core, req.client.get(), req.activity)?,
+    };
     let addr = pick(core, route, None)?;
     let (mut sender, guard, addr) = sender_route(core, route, addr, req.side).await?;
     let tls = proxy::kind_of(route, addr).tls.is_some();
@@ -856,8 +868,17 @@ pub async fn forward(
 ) -> Result<Done, Fail> {
     let core = &ctx.core;
     let end = body.is_end_stream();
-    let (response, mut up_send, _on_conn, addr) =
-        open_stream(core, req.hop(ctx.hop, route), route, req, &id, trace, end).await?;
+    let (response, mut up_send, _on_conn, addr) = open_stream(
+        core,
+        req.hop(ctx.hop, route),
+        route,
+        req,
+        &id,
+        trace,
+        end,
+        None,
+    )
+    .await?;
     let bytes_in = &req.side.body_in;
     let too_large = Cell::new(false);
     let too_slow = Cell::new(false);
@@ -958,9 +979,11 @@ pub async fn forward(
                     if retry::may_retry(Fault::Upstream, retry_of(&e), attempt) {
                         tracing::info!(upstream = %addr, error = %e, "the app did not process the stream; sending it again");
                         attempt = attempt.again();
+                        // In the place the first stream took: one per exchange.
+                        let place = Some(_on_conn.1);
+                        let hop = req.hop(ctx.hop, route);
                         let (r, send, places, a) =
-                            open_stream(core, req.hop(ctx.hop, route), route, req, &id, trace, end)
-                                .await?;
+                            open_stream(core, hop, route, req, &id, trace, end, place).await?;
                         (response, addr, _again, _on_conn) = (r, a, Some(send), places);
                         continue;
                     }
@@ -996,7 +1019,7 @@ pub async fn forward(
         let mut send = respond
             .send_response(response, rend)
             .map_err(|e| Fail::Abort(format!("client stream: {e}")))?;
-        req.activity.responded();
+        req.activity.responded(status);
         let bytes_out = Cell::new(0u64);
         if !rend {
             let relayed = relay(

@@ -392,22 +392,9 @@ impl Client {
             ))
         };
         // An exchange whose place in the core's budget of streams to apps another
-        // client's stream took ([`crate::http2::budget`]) ends: answered 503 before
-        // anything of its answer was written, else its connection closed.
+        // address's stream took ends ([`crate::http2::stream::made_room`]).
         let activity = crate::http2::budget::Activity::new(core.reactor.now());
-        let made_room = async {
-            activity.ended().await;
-            tracing::info!("an exchange ended to make room for another address's stream");
-            core.metrics
-                .add(crate::core::counter::H2_APP_STREAM_LIMIT, 1);
-            Err(if activity.has_responded() {
-                crate::http2::stream::Fail::Abort(
-                    "ended to make room for another address's stream".into(),
-                )
-            } else {
-                crate::http2::stream::Fail::Answer(crate::http::error::ProxyError::AppStreamLimit)
-            })
-        };
+        let made_room = crate::http2::stream::made_room(&core, &activity, &x.side);
         let bridged = futures_lite::future::or(
             crate::http2::bridge::forward(
                 &core,
