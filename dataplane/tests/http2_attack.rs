@@ -1482,9 +1482,10 @@ fn fill_the_budget(w: &Worker, hold: Hold, forwarded: bool) -> Vec<TcpStream> {
         s.set_read_timeout(Some(Duration::from_secs(20)))
             .expect("timeout");
         let mut hello = appproxy_test_support::h2frames::PREFACE.to_vec();
-        // No window for answers (SETTINGS_INITIAL_WINDOW_SIZE = 0) when downloading.
+        // No window for answers (SETTINGS_INITIAL_WINDOW_SIZE = 0) when downloading,
+        // and no HPACK dynamic table, so that every `:status` reads alone.
         let settings: &[u8] = match hold {
-            Hold::Downloading => &[0, 4, 0, 0, 0, 0],
+            Hold::Downloading => &[0, 1, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0],
             Hold::Waiting | Hold::Trickling => &[],
         };
         hello.extend(frame(SETTINGS, 0, 0, settings));
@@ -1690,6 +1691,103 @@ fn a_stream_ended_after_its_answer_began_is_logged_as_a_cut() {
         cut[0]["reason"], "ended to make room for another address's stream",
         "{cut:?}"
     );
+    drop(conns);
+}
+
+/// A TCP relay to `to` whose connections take seconds to open: its accept queue
+/// (one place) is held full by a connection of its own until `delay` has passed,
+/// so the kernel drops the SYNs of those who connect meanwhile and they try again
+/// (after 1 s, then 3 s); then it relays each connection it accepts.
+fn slow_to_accept(to: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let local: std::net::SocketAddr = "127.0.0.1:0".parse().expect("address");
+    sock.bind(&local.into()).expect("bind");
+    sock.listen(0).expect("listen");
+    let addr = sock
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("addr");
+    let plug = TcpStream::connect(addr).expect("the queue's plug");
+    let l: TcpListener = sock.into();
+    std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        drop(plug);
+        for a in l.incoming() {
+            let Ok(a) = a else { continue };
+            std::thread::spawn(move || {
+                let Ok(b) = TcpStream::connect(to) else {
+                    return;
+                };
+                let (Ok(mut a2), Ok(mut b2)) = (a.try_clone(), b.try_clone()) else {
+                    return;
+                };
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut a2, &mut b2);
+                    let _ = b2.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut a, mut b) = (a, b);
+                let _ = std::io::copy(&mut b, &mut a);
+                let _ = a.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// The statuses of the answers' heads to streams `ids` on `s`, in any order, as
+/// many as came before the connection ended or went silent.
+fn head_statuses(s: &mut TcpStream, ids: &[u32]) -> std::collections::BTreeMap<u32, u16> {
+    let mut heads = std::collections::BTreeMap::new();
+    while heads.len() < ids.len() {
+        let Some((ty, _, stream, payload)) = read_frame(s) else {
+            break;
+        };
+        if ty == HEADERS && ids.contains(&stream) {
+            heads.entry(stream).or_insert_with(|| status(&payload));
+        }
+    }
+    heads
+}
+
+/// A stream ended while it dials a new connection to an HTTP/2 app (its place
+/// taken for another address's stream) leaves the dial to the streams waiting on
+/// that connection: each is answered once the app's connection opens. Before, the
+/// dial ran in the first stream's task and went with it, and every stream waiting
+/// on the connection got 503 "out of local resources" (an outside verifier's find).
+#[test]
+fn a_stream_ended_while_it_dials_the_app_leaves_the_dial_to_the_others() {
+    let up = Upstream::start();
+    let app = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        ..Default::default()
+    });
+    let relay = slow_to_accept(app.addr(), Duration::from_millis(2500));
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![relay],
+        extra: "[timeouts]\nbody_idle_secs = 60\nresponse_idle_secs = 60\nupstream_connect_secs = 20\n[http2]\nmax_app_streams = 8\n".into(),
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    });
+    // Eight streams wait on the one connection the first of them dials.
+    let mut conns = fill_the_budget(&w, Hold::Downloading, false);
+    assert_eq!(sixth_address_asks(&w, &["--interface", "127.0.0.6"]), "200");
+    // The first address's idlest stream was the dialing one.
+    let (id, _) = the_one_made_room(&w);
+    assert_eq!(id, "hold-1-1");
+    assert_eq!(
+        head_statuses(&mut conns[0], &[3, 5, 7]),
+        [(3, 200), (5, 200), (7, 200)].into(),
+    );
+    for (i, c) in conns.iter_mut().enumerate().skip(1) {
+        assert_eq!(
+            head_statuses(c, &[1]),
+            [(1, 200)].into(),
+            "address {}",
+            i + 1
+        );
+    }
     drop(conns);
 }
 

@@ -47,7 +47,7 @@ pub struct Bridged {
 /// to apps ([`super::budget`]).
 #[allow(clippy::too_many_arguments)]
 pub async fn forward(
-    core: &Core,
+    core: &std::rc::Rc<Core>,
     conn: &TcpConn,
     cbuf: &mut ReadBuf,
     hop: ClientHop,

@@ -265,35 +265,13 @@ impl Drop for UpStreamGuard {
     }
 }
 
-/// The dial of a connection the core's set holds as connecting: if it is given
-/// up before it settles (the stream that dials it is dropped), its waiters are
-/// told and the set forgets it.
-struct Dialing<'a> {
-    up: &'a UpConn,
-    addr: SocketAddr,
-    generation: u64,
-}
-
-impl Drop for Dialing<'_> {
-    fn drop(&mut self) {
-        if matches!(*self.up.state.borrow(), State::Connecting) {
-            forget(self.addr, self.generation);
-            // Not the app's failure: it must not count against the app's health.
-            self.up
-                .settle(State::Failed(ConnectError::Local(io::Error::other(
-                    "the stream dialing the app went away",
-                ))));
-        }
-    }
-}
-
 /// A ready handle on an HTTP/2 connection to `addr` with a stream's place taken on
 /// it: one of the core's connections with room (fewer than [`streams_per_conn`] of
 /// our streams and of the app's own limit), open or still connecting (then the
 /// stream waits for it), or a new one. So a burst of streams dials one connection
 /// per `streams_per_conn` of them, not one each.
 async fn sender(
-    core: &Core,
+    core: &Rc<Core>,
     route: &Route,
     addr: SocketAddr,
 ) -> Result<(SendRequest<Bytes>, UpStreamGuard), ConnectError> {
@@ -362,21 +340,25 @@ async fn sender(
             .push((generation, up.clone()))
     });
     let guard = UpStreamGuard::new(up.clone());
-    let dialing = Dialing {
-        up: &up,
+    // The dial is the connection's, not this stream's: a task of the core (under
+    // this stream's request ID), so that a stream ended while it dials (its client
+    // gone, its access revoked, its place taken for another's) leaves it to the
+    // streams waiting on the connection. Before, they all failed with it.
+    let dialed = crate::reactor::spawn(appproxy_shared::context::inherit(dial_settled(
+        core.clone(),
+        up.clone(),
         addr,
         generation,
-    };
-    let send = match dial(core, route, addr, &up, generation).await {
-        Ok(send) => send,
-        Err(e) => {
-            forget(addr, generation);
-            up.settle(State::Failed(e.again()));
-            return Err(e);
+    )))
+    .detach();
+    let send = match dialed.await {
+        Some(dialed) => dialed?,
+        None => {
+            return Err(ConnectError::Local(io::Error::other(
+                "the dial of the app's connection was dropped",
+            )))
         }
     };
-    up.settle(State::Ready(send.clone()));
-    drop(dialing);
     match within(&core.reactor, core.rt.connect_timeout, send.ready()).await {
         Some(Ok(s)) => Ok((s, guard)),
         Some(Err(e)) => Err(ConnectError::Upstream(io::Error::other(e))),
@@ -384,16 +366,36 @@ async fn sender(
     }
 }
 
-/// Dials `addr` and does the HTTP/2 handshake for `up` (`generation` in the set),
-/// its driver spawned on the core.
+/// [`dial`], then settles `up` with what came of it for the streams waiting on it
+/// (taken out of the core's set when it failed): the dialing stream gets the
+/// outcome itself, whose health it notes.
+async fn dial_settled(
+    core: Rc<Core>,
+    up: Rc<UpConn>,
+    addr: SocketAddr,
+    generation: u64,
+) -> Result<SendRequest<Bytes>, ConnectError> {
+    let dialed = dial(&core, addr, &up, generation).await;
+    match &dialed {
+        Ok(send) => up.settle(State::Ready(send.clone())),
+        Err(e) => {
+            forget(addr, generation);
+            up.settle(State::Failed(e.again()));
+        }
+    }
+    dialed
+}
+
+/// Dials `addr` (as `up` was made: TLS or not) and does the HTTP/2 handshake for
+/// `up` (`generation` in the set), its driver spawned on the core.
 async fn dial(
     core: &Core,
-    route: &Route,
     addr: SocketAddr,
     up: &UpConn,
     generation: u64,
 ) -> Result<SendRequest<Bytes>, ConnectError> {
-    let conn = proxy::connect_alpn(core, route, addr, true).await?;
+    let tls = up.tls.as_ref().map(|(mode, name)| (*mode, &**name));
+    let conn = proxy::connect_as(core, tls, addr, true).await?;
     if conn.is_tls() {
         let alpn = conn.tls_info().and_then(|i| i.alpn);
         if alpn.as_deref() != Some(b"h2") {
@@ -458,7 +460,7 @@ fn forget(addr: SocketAddr, generation: u64) {
 /// the route's health and one other upstream is tried. `side` is told each app
 /// tried.
 async fn sender_route(
-    core: &Core,
+    core: &Rc<Core>,
     route: &Route,
     addr: SocketAddr,
     side: &AppSide,
@@ -786,7 +788,7 @@ pub type Opened = (
 /// place it takes.
 #[allow(clippy::too_many_arguments)]
 pub async fn open_stream(
-    core: &Core,
+    core: &Rc<Core>,
     hop: ClientHop,
     route: &Route,
     req: &Req<'_>,

@@ -41,7 +41,7 @@ pub mod upstream;
 
 pub(crate) use retry::{Failure, Left};
 pub(crate) use upstream::{
-    connect, connect_alpn, connect_route, kind_of, note_health, read_response_head, AppSide,
+    connect, connect_as, connect_route, kind_of, note_health, read_response_head, AppSide,
     ConnectError, MAX_INTERIM,
 };
 

@@ -7,6 +7,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use appproxy_shared::model::UpstreamTls;
+
 use super::retry::Retry;
 use super::{Failure, Left};
 use crate::core::{counter, Core, Route};
@@ -155,6 +157,17 @@ pub(crate) async fn connect_alpn(
     addr: SocketAddr,
     h2: bool,
 ) -> Result<TcpConn, ConnectError> {
+    connect_as(core, kind_of(route, addr).tls, addr, h2).await
+}
+
+/// [`connect_alpn`] to an app served as `tls` says (its mode and server name; `None`:
+/// plain TCP), for a dial that outlives the route it was made for.
+pub(crate) async fn connect_as(
+    core: &Core,
+    tls: Option<(UpstreamTls, &str)>,
+    addr: SocketAddr,
+    h2: bool,
+) -> Result<TcpConn, ConnectError> {
     let Some(slot) = core.pool.reserve(addr) else {
         core.metrics.add(counter::UPSTREAM_LIMIT, 1);
         tracing::debug!(upstream = %addr, cap = core.rt.max_upstream_conns, "upstream connection limit reached on this core ([upstream] max_connections_per_route)");
@@ -165,7 +178,7 @@ pub(crate) async fn connect_alpn(
             conn.count_in(slot);
             core.connect_succeeded();
             // An app that serves HTTPS: the handshake is part of the connect.
-            if let Some((mode, name)) = kind_of(route, addr).tls {
+            if let Some((mode, name)) = tls {
                 let session = core
                     .rt
                     .upstream_tls
