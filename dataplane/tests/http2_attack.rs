@@ -1622,17 +1622,32 @@ fn streams_trickling_a_body_make_room_for_another_address() {
     common::eventually("eight app connections", || {
         up.connections.load(std::sync::atomic::Ordering::SeqCst) == 8
     });
-    assert_eq!(sixth_address_asks(&w, &["--interface", "127.0.0.6"]), "200");
-    // One stream of the first address (it held four places) was ended, no other.
-    // Its app had its head and a byte: no answer of the proxy's tells its client
-    // to send it again; it is reset, its access line saying it was not answered.
-    let (id, stream) = the_one_made_room(&w);
-    assert_eq!(w.wait_access_line(&id)["status"], 0);
-    assert_eq!(reset_of(&mut conns[0], stream), Some(INTERNAL_ERROR));
+    sixth_served_and_one_reset(&w, &mut conns);
     assert!(w
         .log_text()
         .contains("ended to make room for another address's stream"));
     drop(conns);
+}
+
+/// A client at a sixth address is served, and one stream of the first address
+/// (it held four places) was ended for it, no other. Its app had it: no answer of
+/// the proxy's tells its client to send it again; it is reset, its access line
+/// saying it was not answered.
+fn sixth_served_and_one_reset(w: &Worker, conns: &mut [TcpStream]) {
+    assert_eq!(sixth_address_asks(w, &["--interface", "127.0.0.6"]), "200");
+    let (id, stream) = the_one_made_room(w);
+    assert_eq!(w.wait_access_line(&id)["status"], 0);
+    assert_eq!(reset_of(&mut conns[0], stream), Some(INTERNAL_ERROR));
+}
+
+/// A worker whose circuit is `protocol = "http2"` to `app`, with `extra` lines.
+fn in_front_of_an_http2_app(app: std::net::SocketAddr, extra: &str) -> Worker {
+    Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        extra: extra.into(),
+        circuit_extra: "protocol = \"http2\"".into(),
+        ..Default::default()
+    })
 }
 
 /// Streams to an `http2` circuit hold a stream to the app from their start (and
@@ -1651,18 +1666,13 @@ fn streams_to_an_http2_app_make_room_for_another_address() {
         extra: patient.into(),
         ..Default::default()
     });
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![app.addr()],
-        extra: format!("{patient}[http2]\nmax_app_streams = 8\n"),
-        circuit_extra: "protocol = \"http2\"".into(),
-        ..Default::default()
-    });
-    let mut conns = fill_the_budget(&w, Hold::Waiting, false);
-    assert_eq!(sixth_address_asks(&w, &["--interface", "127.0.0.6"]), "200");
+    let w = in_front_of_an_http2_app(
+        app.addr(),
+        &format!("{patient}[http2]\nmax_app_streams = 8\n"),
+    );
     // The ended stream's head went to the app: reset, not answered.
-    let (id, stream) = the_one_made_room(&w);
-    assert_eq!(w.wait_access_line(&id)["status"], 0);
-    assert_eq!(reset_of(&mut conns[0], stream), Some(INTERNAL_ERROR));
+    let mut conns = fill_the_budget(&w, Hold::Waiting, false);
+    sixth_served_and_one_reset(&w, &mut conns);
     drop(conns);
 }
 
@@ -1764,12 +1774,10 @@ fn a_stream_ended_while_it_dials_the_app_leaves_the_dial_to_the_others() {
         ..Default::default()
     });
     let relay = slow_to_accept(app.addr(), Duration::from_millis(2500));
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![relay],
-        extra: "[timeouts]\nbody_idle_secs = 60\nresponse_idle_secs = 60\nupstream_connect_secs = 20\n[http2]\nmax_app_streams = 8\n".into(),
-        circuit_extra: "protocol = \"http2\"".into(),
-        ..Default::default()
-    });
+    let w = in_front_of_an_http2_app(
+        relay,
+        "[timeouts]\nbody_idle_secs = 60\nresponse_idle_secs = 60\nupstream_connect_secs = 20\n[http2]\nmax_app_streams = 8\n",
+    );
     // Eight streams wait on the one connection the first of them dials.
     let mut conns = fill_the_budget(&w, Hold::Downloading, false);
     assert_eq!(sixth_address_asks(&w, &["--interface", "127.0.0.6"]), "200");
