@@ -128,8 +128,12 @@ pub struct Budget {
     total: usize,
     /// Each address's places (an address leaves with its last), by place.
     held: HashMap<ClientKey, BTreeMap<u64, Rc<Activity>>>,
-    /// Every address holding places, by how many: the last holds most.
-    by_count: BTreeSet<(usize, ClientKey)>,
+    /// Every address holding places, by how many (the last holds most), for the
+    /// making of room: kept only while the budget is half taken or more, made
+    /// afresh when it gets there and dropped below a quarter, so a budget far from
+    /// full (most of the time) costs no ordering per stream, and one that swings
+    /// around half does not remake it each time.
+    by_count: Option<BTreeSet<(usize, ClientKey)>>,
     next: u64,
 }
 
@@ -142,7 +146,7 @@ impl Budget {
             per_address: per_address.max(1),
             total: 0,
             held: HashMap::new(),
-            by_count: BTreeSet::new(),
+            by_count: None,
             next: 0,
         }
     }
@@ -158,24 +162,34 @@ impl Budget {
         activity: &Rc<Activity>,
         now: Instant,
     ) -> Result<(Place, Option<Rc<Activity>>), Refused> {
-        let mine = self.count(key);
-        if self.total >= self.max / 2 && mine >= self.per_address {
-            return Err(Refused::AddressShare);
-        }
-        let ended = if self.total >= self.max {
-            Some(self.make_room(mine, now).ok_or(Refused::Full)?)
+        let crowded = self.total >= self.max / 2;
+        let id = self.next + 1;
+        let (mine, ended) = if self.total < self.max {
+            // A place is free: one look-up of the address.
+            let places = self.held.entry(key).or_default();
+            let mine = places.len();
+            if crowded && mine >= self.per_address {
+                // It held some already: no empty entry is left behind.
+                return Err(Refused::AddressShare);
+            }
+            places.insert(id, activity.clone());
+            (mine, None)
         } else {
-            None
+            let mine = self.count(key);
+            if mine >= self.per_address {
+                return Err(Refused::AddressShare);
+            }
+            let ended = self.make_room(mine, now).ok_or(Refused::Full)?;
+            self.held
+                .entry(key)
+                .or_default()
+                .insert(id, activity.clone());
+            (mine, Some(ended))
         };
-        self.next += 1;
-        let place = Place { key, id: self.next };
-        self.held
-            .entry(key)
-            .or_default()
-            .insert(place.id, activity.clone());
-        self.recount(key, mine, mine + 1);
+        self.next = id;
         self.total += 1;
-        Ok((place, ended))
+        self.recount(key, mine, mine + 1);
+        Ok((Place { key, id }, ended))
     }
 
     /// Gives `place` back (nothing when it was taken to make room).
@@ -205,7 +219,8 @@ impl Budget {
     /// stream's activity.
     fn make_room(&mut self, mine: usize, now: Instant) -> Option<Rc<Activity>> {
         let mut best: Option<(Instant, u64, ClientKey)> = None;
-        for &(count, key) in self.by_count.iter().rev().take(SCANNED) {
+        let ranked = self.by_count.as_ref()?;
+        for &(count, key) in ranked.iter().rev().take(SCANNED) {
             if count <= mine + 1 {
                 break;
             }
@@ -233,18 +248,37 @@ impl Budget {
         if left == 0 {
             self.held.remove(&place.key);
         }
-        self.recount(place.key, left + 1, left);
         self.total -= 1;
+        self.recount(place.key, left + 1, left);
         Some(activity)
     }
 
-    /// Moves `key` from `from` places to `to` in [`Budget::by_count`].
+    /// Moves `key` from `from` places to `to` in [`Budget::by_count`] (`total`
+    /// already counts the change), made afresh when the budget reaches half and
+    /// dropped below a quarter.
     fn recount(&mut self, key: ClientKey, from: usize, to: usize) {
-        if from > 0 {
-            self.by_count.remove(&(from, key));
+        if self.total < self.max / 4 {
+            self.by_count = None;
+            return;
         }
-        if to > 0 {
-            self.by_count.insert((to, key));
+        match &mut self.by_count {
+            Some(ranked) => {
+                if from > 0 {
+                    ranked.remove(&(from, key));
+                }
+                if to > 0 {
+                    ranked.insert((to, key));
+                }
+            }
+            None if self.total >= self.max / 2 => {
+                self.by_count = Some(
+                    self.held
+                        .iter()
+                        .map(|(key, places)| (places.len(), *key))
+                        .collect(),
+                );
+            }
+            None => {}
         }
     }
 }
@@ -354,8 +388,9 @@ mod tests {
         let (place, _) = f.places[2];
         f.budget.give_back(place);
         assert_eq!((f.budget.taken(), f.taken_by(1)), (7, 0));
-        assert!(f.budget.by_count.iter().all(|&(n, _)| n == 1));
-        assert_eq!(f.budget.by_count.len(), 7);
+        let ranked = f.budget.by_count.as_ref().expect("kept past half");
+        assert!(ranked.iter().all(|&(n, _)| n == 1));
+        assert_eq!(ranked.len(), 7);
     }
 
     /// A flood from addresses under their share, each holding about as many
@@ -467,6 +502,40 @@ mod tests {
         );
         assert_eq!(f.take(6, 10).map(|t| t.1), Ok(Some(1)));
         assert!(f.told(0) && f.told(1) && !f.told(2));
+    }
+
+    /// The ranking of addresses is kept only from half the budget down to a
+    /// quarter, and made afresh, whole, when the budget fills again: a full budget
+    /// still makes room from the address holding most.
+    #[test]
+    fn the_ranking_is_kept_only_while_the_budget_may_fill() {
+        let mut f = Fixture::new(16, 16);
+        for i in 0..7 {
+            f.take(1 + (i % 2) as u8, 0).expect("a place");
+        }
+        assert!(f.budget.by_count.is_none(), "below half");
+        f.take(3, 0).expect("a place");
+        assert_eq!(f.budget.by_count.as_ref().map(BTreeSet::len), Some(3));
+        // Down to four (a quarter) it is kept; below, dropped.
+        for i in 0..4 {
+            let (place, _) = f.places[i];
+            f.budget.give_back(place);
+        }
+        assert!(f.budget.by_count.is_some(), "a quarter");
+        let (place, _) = f.places[4];
+        f.budget.give_back(place);
+        assert!(f.budget.by_count.is_none(), "below a quarter");
+        // Filled again from one address, then another: made afresh, and room is
+        // made from the address holding most.
+        for _ in 0..13 {
+            f.take(4, 1).expect("a place");
+        }
+        assert_eq!(f.budget.taken(), 16);
+        let ranked = f.budget.by_count.as_ref().expect("past half");
+        assert_eq!(ranked.last(), Some(&(13, key(4))));
+        assert_eq!(ranked.iter().map(|&(n, _)| n).sum::<usize>(), 16);
+        let (_, ended) = f.take(5, 10).expect("room made");
+        assert_eq!(f.places[ended.expect("one ended")].0.key, key(4));
     }
 
     /// IPv6 clients are counted by /64: one host's addresses hold one share.
