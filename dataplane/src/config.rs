@@ -559,7 +559,8 @@ pub struct Http2Section {
     /// and, from their start, to HTTP/1.1 apps; from HTTP/1.1 clients bridged to
     /// HTTP/2 apps. When it is full, an address holding fewer than another (by two
     /// or more) takes the place of that address's stream idle longest (2 s at
-    /// least, unless the address is past its share), which is ended. With
+    /// least while the address holds no more than a sixteenth of its share), which
+    /// is ended. With
     /// `app_stream_window` it bounds what clients that do not read make the core
     /// buffer (2048 × 64 KiB = 128 MiB), and it keeps a few client connections from
     /// holding a route's app connections. A stream past it is answered 503

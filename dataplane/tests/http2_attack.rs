@@ -1482,11 +1482,11 @@ fn fill_the_budget(w: &Worker, hold: Hold, forwarded: bool) -> Vec<TcpStream> {
         s.set_read_timeout(Some(Duration::from_secs(20)))
             .expect("timeout");
         let mut hello = appproxy_test_support::h2frames::PREFACE.to_vec();
-        // No window for answers (SETTINGS_INITIAL_WINDOW_SIZE = 0) when downloading,
-        // and no HPACK dynamic table, so that every `:status` reads alone.
+        // No HPACK dynamic table, so that every `:status` reads alone; no window
+        // for answers (SETTINGS_INITIAL_WINDOW_SIZE = 0) when downloading.
         let settings: &[u8] = match hold {
             Hold::Downloading => &[0, 1, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0],
-            Hold::Waiting | Hold::Trickling => &[],
+            Hold::Waiting | Hold::Trickling => &[0, 1, 0, 0, 0, 0],
         };
         hello.extend(frame(SETTINGS, 0, 0, settings));
         s.write_all(&hello).expect("preface");
@@ -1797,6 +1797,32 @@ fn a_stream_ended_while_it_dials_the_app_leaves_the_dial_to_the_others() {
         );
     }
     drop(conns);
+}
+
+/// A stream ended while the worker still connects to its app (its app never had
+/// it) is answered 503 `app_stream_limit`, which says it may be sent again, as for
+/// a stream refused a place; before, any stream whose app had been tried was reset
+/// unanswered (an outside verifier's find).
+#[test]
+fn a_stream_ended_while_its_app_is_connected_to_is_answered_503() {
+    let up = Upstream::start();
+    let app = slow_to_accept(up.addr, Duration::from_millis(2500));
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        extra: "[upstream]\nidle_timeout_secs = 1\n[timeouts]\nbody_idle_secs = 60\nupstream_connect_secs = 20\n[http2]\nmax_app_streams = 8\n".into(),
+        ..Default::default()
+    });
+    // Each placed stream sent a byte of its body: the worker is connecting to the
+    // app for each (its accept queue is full for a while).
+    let mut conns = fill_the_budget(&w, Hold::Trickling, false);
+    assert_eq!(sixth_address_asks(&w, &["--interface", "127.0.0.6"]), "200");
+    let (id, stream) = the_one_made_room(&w);
+    let line = w.wait_access_line(&id);
+    assert_eq!(line["status"], 503, "{line}");
+    assert_eq!(
+        head_statuses(&mut conns[0], &[stream]),
+        [(stream, 503)].into()
+    );
 }
 
 /// Behind a trusted proxy (`trusted_proxies`), each client named by its

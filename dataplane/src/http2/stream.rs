@@ -519,7 +519,8 @@ const MADE_ROOM: &str = "ended to make room for another address's stream";
 
 /// Resolves once the place in the core's budget of the stream (or bridged
 /// exchange) whose `activity` and app `side` these are was taken for another
-/// address's stream: how it ends. Before the app was given it, answered 503
+/// address's stream: how it ends. Before the app was given it (while its body's
+/// first bytes are awaited, or its app connected to), answered 503
 /// `app_stream_limit` (safe to send again, as for a stream refused a place); once
 /// its answer began, cut as an answer cut short is (its status and bytes on its
 /// access line); in between, aborted (the app may have it: no answer says to send
@@ -532,16 +533,18 @@ pub(crate) async fn made_room<T>(
     activity.ended().await;
     tracing::info!("a stream ended to make room for another address's");
     core.metrics.add(counter::H2_APP_STREAM_LIMIT, 1);
-    Err(match (side.addr.get(), activity.status()) {
-        (None, _) => Fail::Answer(ProxyError::AppStreamLimit),
-        (Some(upstream), Some(status)) => Fail::Cut(retry::Cut {
-            reason: MADE_ROOM.into(),
-            status,
-            bytes: (side.body_in.get(), activity.bytes_sent()),
-            upstream,
-        }),
-        (Some(_), None) => Fail::Abort(MADE_ROOM.into()),
-    })
+    Err(
+        match (activity.was_given(), side.addr.get(), activity.status()) {
+            (false, _, _) => Fail::Answer(ProxyError::AppStreamLimit),
+            (true, Some(upstream), Some(status)) => Fail::Cut(retry::Cut {
+                reason: MADE_ROOM.into(),
+                status,
+                bytes: (side.body_in.get(), activity.bytes_sent()),
+                upstream,
+            }),
+            (true, _, _) => Fail::Abort(MADE_ROOM.into()),
+        },
+    )
 }
 
 /// The gRPC status for one of the proxy's HTTP answers (the gRPC project's
@@ -964,6 +967,8 @@ async fn forward_h1(
     let mut body_cut: Option<std::io::Error> = None;
     let resp = loop {
         upstream.set_timeout(rt.body_idle_timeout);
+        // From its first byte on, the app may have the request.
+        req.activity.given();
         let wrote = upstream.write_all(&out).await;
         if let Err(e) = wrote {
             let err = ProxyError::UpstreamClosed(e);

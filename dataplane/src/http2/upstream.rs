@@ -808,6 +808,7 @@ pub async fn open_stream(
     let (response, send) = sender
         .send_request(request, end)
         .map_err(|e| Fail::Answer(ProxyError::UpstreamClosed(io::Error::other(e))))?;
+    req.activity.given();
     let answer = Answer {
         response,
         interim: 0,
