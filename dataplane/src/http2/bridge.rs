@@ -403,11 +403,11 @@ enum BodyEnd {
 }
 
 /// Reads the client's body (length or chunked) and hands it to the app's stream,
-/// counting what it handed on in `total` (and telling `activity`). Each wait, on the client's next bytes or
-/// on the app's window, also watches for the app's answer (`response`), as the
-/// HTTP/1.1 relay watches an HTTP/1.1 app: an app that refuses the body (413, 401
-/// …) and keeps its stream open without granting more window is answered at once,
-/// rather than when the wait times out.
+/// counting what it handed on in `total` (and telling `activity`). Each wait, on
+/// the client's next bytes or on the app's window, also watches for the app's
+/// answer (`response`), as the HTTP/1.1 relay watches an HTTP/1.1 app: an app that
+/// refuses the body (413, 401 …) and keeps its stream open without granting more
+/// window is answered at once, rather than when the wait times out.
 #[allow(clippy::too_many_arguments)]
 async fn send_body(
     core: &Core,
