@@ -10,8 +10,9 @@
 //!
 //! When every place is taken, a stream of an address holding fewer places than
 //! another by two or more takes one of that address's places: among the addresses
-//! holding most (up to [`SCANNED`] of them, each holding two more than the
-//! newcomer at least), the place whose stream moved no bytes for longest. That
+//! holding most (each holding two more than the newcomer at least; the first
+//! [`SCANNED`] of them with a place that may be taken), the place whose stream
+//! moved no bytes for longest. That
 //! stream is ended ([`Activity::ended`]). So addresses holding places, however
 //! they hold them (a stream waiting for a body, trickling one, waiting on an app,
 //! never reading its answer, or moving a byte a second), cannot keep another
@@ -128,8 +129,12 @@ impl Activity {
 /// `kept`): such an address's transfers in progress are not cut to make room.
 pub const MIN_IDLE: Duration = Duration::from_secs(2);
 
-/// The most addresses looked at for a place to take, those holding most first:
-/// the work of making room stays bounded however many addresses hold places.
+/// The most addresses with a place that may be taken whose places are weighed,
+/// those holding most first. Addresses whose places are all kept (transfers in
+/// progress) are passed over without counting, so that a few busy addresses
+/// ranked first cannot hide the idle places of the others (an outside verifier's
+/// find); each holds at most `kept` places, so the walk past them is bounded by
+/// the budget.
 pub const SCANNED: usize = 8;
 
 /// A place in the [`Budget`]: whose, and which.
@@ -234,16 +239,17 @@ impl Budget {
         self.held.get(&key).map_or(0, BTreeMap::len)
     }
 
-    /// Takes, for an address holding `mine`, a place of one of the [`SCANNED`]
-    /// addresses holding most that hold two more than `mine` at least: the one whose
-    /// stream moved no bytes for longest (the earliest taken among equals), among
-    /// those idle for [`MIN_IDLE`] or held by an address holding more than `kept`.
-    /// Its stream's activity.
+    /// Takes, for an address holding `mine`, a place of an address holding two more
+    /// than `mine` at least, those holding most first, among the first [`SCANNED`]
+    /// of them with one that may be taken (idle for [`MIN_IDLE`], or held by an
+    /// address holding more than `kept`): the one whose stream moved no bytes for
+    /// longest (the earliest taken among equals). Its stream's activity.
     fn make_room(&mut self, mine: usize, now: Instant) -> Option<Rc<Activity>> {
         let mut best: Option<(Instant, u64, ClientKey)> = None;
+        let mut weighed = 0;
         let ranked = self.by_count.as_ref()?;
-        for &(count, key) in ranked.iter().rev().take(SCANNED) {
-            if count <= mine + 1 {
+        for &(count, key) in ranked.iter().rev() {
+            if count <= mine + 1 || weighed == SCANNED {
                 break;
             }
             let unkept = count > self.kept;
@@ -254,7 +260,11 @@ impl Budget {
                 .map(|(id, a)| (a.last.get(), *id))
                 .min()?;
             let idle_enough = now.saturating_duration_since(idlest.0) >= MIN_IDLE;
-            if (idle_enough || unkept) && best.is_none_or(|(t, id, _)| idlest < (t, id)) {
+            if !(idle_enough || unkept) {
+                continue;
+            }
+            weighed += 1;
+            if best.is_none_or(|(t, id, _)| idlest < (t, id)) {
                 best = Some((idlest.0, idlest.1, key));
             }
         }
@@ -500,6 +510,31 @@ mod tests {
         let from = f.places[ended.expect("ended")].0.key;
         let from = (1..=8).find(|&a| key(a) == from).expect("one of the eight");
         assert_eq!(f.take(from, 10), Err(Refused::Full));
+    }
+
+    /// Addresses whose places are all kept (transfers in progress) and that rank
+    /// first (the highest addresses among equals) do not hide the idle places of
+    /// the others: before, only the first eight ranked were looked at, and eight
+    /// busy addresses let 120 idle ones hold the budget (an outside verifier's find).
+    #[test]
+    fn busy_addresses_ranked_first_do_not_hide_idle_places() {
+        // A share of 32: an address keeps its transfers while it holds two.
+        let mut f = Fixture::new(24, 32);
+        for a in 1..=4 {
+            f.take(a, 0).expect("a place");
+            f.take(a, 0).expect("a place");
+        }
+        for a in 10..=17 {
+            f.take(a, 0).expect("a place");
+            f.take(a, 0).expect("a place");
+        }
+        assert_eq!(f.budget.taken(), 24);
+        for i in 8..24 {
+            f.places[i].1.sent(f.at(9), 1);
+        }
+        let (_, ended) = f.take(20, 10).expect("an idle place taken");
+        let from = f.places[ended.expect("one ended")].0.key;
+        assert!((1..=4).any(|a| key(a) == from), "{from:?}");
     }
 
     /// Among the addresses holding most, the idlest stream of any of them goes
