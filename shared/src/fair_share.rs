@@ -44,6 +44,14 @@ pub enum Refused {
     AddressShare,
 }
 
+/// The share's one rule: whether an address holding `mine` slots is at its share,
+/// `total` of `max` being taken: half of them or more are, and it holds
+/// `per_address`. For [`FairShare`] and for slots kept otherwise (a core's budget
+/// of streams to apps).
+pub fn at_share(total: usize, max: usize, per_address: usize, mine: usize) -> bool {
+    total >= max / 2 && mine >= per_address
+}
+
 /// Slots, held by client addresses: at most `max`, and once half are taken at most
 /// `per_address` for an address (an address leaves the map with its last slot, so
 /// the map holds at most `max` entries).
@@ -79,9 +87,8 @@ impl FairShare {
         if held.total >= self.max {
             return Err(Refused::Full);
         }
-        let crowded = held.total >= self.max / 2;
         let mine = held.by_address.get(&key).copied().unwrap_or(0);
-        if crowded && mine >= self.per_address {
+        if at_share(held.total, self.max, self.per_address, mine) {
             return Err(Refused::AddressShare);
         }
         held.by_address.insert(key, mine + 1);
@@ -110,11 +117,8 @@ impl FairShare {
     /// were free.
     pub fn holds_share(&self, ip: IpAddr) -> bool {
         let held = self.held();
-        held.total >= self.max / 2
-            && held
-                .by_address
-                .get(&ClientKey::of(ip))
-                .is_some_and(|&mine| mine >= self.per_address)
+        let mine = held.by_address.get(&ClientKey::of(ip)).copied();
+        at_share(held.total, self.max, self.per_address, mine.unwrap_or(0))
     }
 
     /// Slots taken now.

@@ -81,6 +81,11 @@ impl Route {
         }
     }
 
+    /// The index of the first entry of entry `i`'s address, whose health judges it.
+    fn first_entry(&self, i: usize) -> usize {
+        self.first.get(i).copied().unwrap_or(i)
+    }
+
     /// Picks an upstream by `traffic_ratio` among the healthy ones (all of them when
     /// none is healthy: better a try than a certain failure), skipping `exclude`.
     /// `draw` is uniform in [0, 1). An address listed twice is healthy or not by
@@ -92,7 +97,7 @@ impl Route {
         let healthy = |i: usize| {
             usable(i)
                 && health
-                    .get(self.first.get(i).copied().unwrap_or(i))
+                    .get(self.first_entry(i))
                     .is_none_or(|h| h.unhealthy_until.is_none_or(|t| t <= now))
         };
         let any_healthy = (0..ups.len()).any(healthy);
@@ -156,18 +161,19 @@ impl Route {
         if old.is_empty() {
             return false;
         }
-        let ups = &self.circuit.upstreams;
         // By the first entry of each address, as `record` keeps it (an address
         // listed twice is judged by its first entry).
-        let first = |list: &[(SocketAddr, f64)], addr: &SocketAddr| {
-            list.iter().position(|(a, _)| a == addr)
-        };
-        let carried: Vec<Health> = ups
+        let carried: Vec<Health> = self
+            .circuit
+            .upstreams
             .iter()
             .enumerate()
             .map(|(i, (addr, _))| {
-                (first(ups, addr) == Some(i))
-                    .then(|| first(&previous.circuit.upstreams, addr))
+                (self.first_entry(i) == i)
+                    .then(|| {
+                        let before = &previous.circuit.upstreams;
+                        before.iter().position(|(a, _)| a == addr)
+                    })
                     .flatten()
                     .and_then(|j| old.get(j).copied())
                     .unwrap_or_default()

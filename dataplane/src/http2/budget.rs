@@ -44,7 +44,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use appproxy_shared::fair_share::{ClientKey, Refused};
+use appproxy_shared::fair_share::{at_share, ClientKey, Refused};
 
 use crate::signal::Signal;
 
@@ -189,13 +189,12 @@ impl Budget {
         activity: &Rc<Activity>,
         now: Instant,
     ) -> Result<(Place, Option<Rc<Activity>>), Refused> {
-        let crowded = self.total >= self.max / 2;
         let id = self.next + 1;
         let (mine, ended) = if self.total < self.max {
             // A place is free: one look-up of the address.
             let places = self.held.entry(key).or_default();
             let mine = places.len();
-            if crowded && mine >= self.per_address {
+            if at_share(self.total, self.max, self.per_address, mine) {
                 // It held some already: no empty entry is left behind.
                 return Err(Refused::AddressShare);
             }
@@ -203,7 +202,7 @@ impl Budget {
             (mine, None)
         } else {
             let mine = self.count(key);
-            if mine >= self.per_address {
+            if at_share(self.total, self.max, self.per_address, mine) {
                 return Err(Refused::AddressShare);
             }
             let ended = self.make_room(mine, now).ok_or(Refused::Full)?;
