@@ -307,29 +307,27 @@ mod tests {
         // going on is long enough.
         let renewed =
             ArchiveSlots::with_waits(1, 1, Duration::from_secs(3600), Duration::from_millis(50));
-        let young = renewed.try_take(ip("10.0.0.1")).expect("first");
-        young.streaming.waiting();
-        tokio::time::sleep(Duration::from_millis(120)).await;
-        let next = {
-            let renewed = renewed.clone();
-            tokio::spawn(async move { renewed.take(ip("10.0.0.2")).await.map(|_| ()) })
-        };
-        young.streaming.cut_off().await;
-        drop(young);
-        assert_eq!(next.await.expect("joined"), Ok(()));
+        cut_for_a_take(&renewed, ip("10.0.0.2")).await;
         // With shares off (a share as large as the cap), the address holding every
         // slot may make room too.
         let unshared =
             ArchiveSlots::with_waits(1, 1, Duration::from_millis(50), Duration::from_secs(3600));
-        let held = unshared.try_take(ip("10.0.0.1")).expect("first");
+        cut_for_a_take(&unshared, ip("10.0.0.1")).await;
+    }
+
+    /// The one slot of `slots`, taken from 10.0.0.1 by a stream whose writer then
+    /// waits on its client for 120 ms, is cut for a take from `from`, which is
+    /// served once the cut stream gives its slot back.
+    async fn cut_for_a_take(slots: &Arc<ArchiveSlots>, from: IpAddr) {
+        let held = slots.try_take(ip("10.0.0.1")).expect("first");
         held.streaming.waiting();
         tokio::time::sleep(Duration::from_millis(120)).await;
-        let again = {
-            let unshared = unshared.clone();
-            tokio::spawn(async move { unshared.take(ip("10.0.0.1")).await.map(|_| ()) })
+        let next = {
+            let slots = slots.clone();
+            tokio::spawn(async move { slots.take(from).await.map(|_| ()) })
         };
         held.streaming.cut_off().await;
         drop(held);
-        assert_eq!(again.await.expect("joined"), Ok(()));
+        assert_eq!(next.await.expect("joined"), Ok(()));
     }
 }

@@ -1460,6 +1460,23 @@ fn big_and_little(p: &Proxy) -> (String, String) {
     )
 }
 
+/// `GET path` from the client API, asked again every `every` while it is answered
+/// 503 (no archive slot free yet) until `until`: the last answer.
+fn get_until_served(
+    p: &Proxy,
+    path: &str,
+    until: std::time::Instant,
+    every: Duration,
+) -> appproxy_test_support::http::Resp {
+    loop {
+        let r = p.client_get(path, Duration::from_secs(20));
+        if r.status != 503 || std::time::Instant::now() > until {
+            return r;
+        }
+        std::thread::sleep(every);
+    }
+}
+
 fn slow_client(p: &Proxy, from: std::net::Ipv4Addr, path: &str) -> (TcpStream, String) {
     let mut s = appproxy_test_support::net::connect_from(from, p.client).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30)))
@@ -1541,14 +1558,8 @@ fn archives_past_the_cap_are_refused_so_slow_clients_never_hold_every_thread() {
     assert_eq!(r.status, 200);
     // One slow client goes: its slot is free again once its writer sees it gone.
     drop(slow.pop());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let r = loop {
-        let r = p.client_get(&little, Duration::from_secs(20));
-        if r.status != 503 || std::time::Instant::now() > deadline {
-            break r;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let r = get_until_served(&p, &little, until, Duration::from_millis(100));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(
         zip_names(&r.body, p.dir.path()).expect("a valid zip"),
@@ -1587,13 +1598,12 @@ fn a_slow_archive_makes_room_for_another_once_past_the_grace() {
     // kept their writers waiting that long (bounded: the total's rule takes any
     // past `WAITED`), the next archive is served.
     std::thread::sleep(WAITING.saturating_sub(started.elapsed()));
-    let r = loop {
-        let r = p.client_get(&little, Duration::from_secs(20));
-        if r.status != 503 || started.elapsed() > WAITED * 2 {
-            break r;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let r = get_until_served(
+        &p,
+        &little,
+        started + WAITED * 2,
+        Duration::from_millis(500),
+    );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(
         zip_names(&r.body, p.dir.path()).expect("a valid zip"),
