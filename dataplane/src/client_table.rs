@@ -26,7 +26,7 @@ pub use appproxy_shared::fair_share::ClientKey;
 pub(crate) fn shard_of(key: ClientKey) -> usize {
     let bits = match key {
         ClientKey::V4(a) => u64::from(u32::from(a)),
-        ClientKey::V6Prefix(p) => p,
+        ClientKey::V6Prefix(p) | ClientKey::V6Site(p) => p,
     };
     // Fibonacci hashing: the top bits of the product spread nearby addresses.
     (bits.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SHARDS.trailing_zeros())) as usize

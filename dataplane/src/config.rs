@@ -567,8 +567,8 @@ pub struct Http2Section {
     /// `app_stream_limit`.
     pub max_app_streams: usize,
     /// Once half of `max_app_streams` are taken, the most of them one client
-    /// address (IPv4, IPv6 /64; behind a trusted proxy, the address it names)
-    /// holds; past it its streams are answered 503 `app_stream_limit`.
+    /// address (IPv4; IPv6 by /48, its site; behind a trusted proxy, the address
+    /// it names) holds; past it its streams are answered 503 `app_stream_limit`.
     pub max_app_streams_per_address: usize,
 }
 

@@ -1853,6 +1853,90 @@ fn a_trusted_proxys_clients_each_hold_their_own_share() {
     drop(conns);
 }
 
+/// The /64s of one IPv6 site (a /48) hold one share of the core's budget of
+/// streams to apps, as one IPv4 address does, and make room for another site.
+/// Before, each /64 was an address of its own: eight /64s of one /48, one stream
+/// each, held a budget of 8, and every other client got 503 (no address held two
+/// places more than it); at the defaults, 128 /64s with 16 live streams each
+/// (half of one home customer's /56) held a core's whole budget.
+#[test]
+fn the_slash_64s_of_one_ipv6_site_hold_one_share() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[timeouts]\nbody_idle_secs = 60\n[http2]\nmax_app_streams = 8\n".into(),
+        worker_extra: "trusted_proxies = [\"127.0.0.1/32\"]".into(),
+        ..Default::default()
+    });
+    let app_conns = || up.connections.load(std::sync::atomic::Ordering::SeqCst);
+    let ended = |prefix: &str| {
+        w.log_json()
+            .iter()
+            .filter(|l| l["target"] == "access")
+            .filter(|l| {
+                l["request_id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with(prefix))
+            })
+            .map(|l| l["status"].as_u64())
+            .collect::<Vec<_>>()
+    };
+    // Eight /64s of 2001:db8:1::/48, named by a trusted proxy, one upload each
+    // that sends one byte of its body: the site takes half the budget, then is at
+    // its share (an eighth of 8: 1).
+    let sites: Vec<String> = (1..=8).map(|n| format!("2001:db8:1:{n}::1")).collect();
+    let _site = trickle_named(&w, "site", &sites);
+    common::eventually("four of the site's streams refused", || {
+        ended("site-").len() == 4
+    });
+    assert!(ended("site-").iter().all(|s| *s == Some(503)));
+    common::eventually("four app connections", || app_conns() == 4);
+    // Four IPv4 clients, one each: the budget is full.
+    let v4: Vec<String> = (1..=4).map(|n| format!("10.0.0.{n}")).collect();
+    let _v4 = trickle_named(&w, "v4", &v4);
+    common::eventually("eight app connections", || app_conns() == 8);
+    // A client of another /48 is served: one of the site's places was taken.
+    assert_eq!(
+        sixth_address_asks(&w, &["-H", "x-forwarded-for: 2001:db8:2::1"]),
+        "200"
+    );
+    common::eventually("the site's stream ended to make room", || {
+        ended("site-").len() == 5
+    });
+    assert!(ended("v4-").is_empty(), "{}", w.log_text());
+    // Another /64 of the first site gets no place: the site holds its share.
+    assert_eq!(
+        sixth_address_asks(&w, &["-H", "x-forwarded-for: 2001:db8:1:99::1"]),
+        "503"
+    );
+    assert!(ended("v4-").is_empty(), "{}", w.log_text());
+}
+
+/// Over one connection from 127.0.0.1 (a trusted proxy), one upload per name in
+/// `named` (ID `<prefix>-<n>`, `x-forwarded-for` the name) announcing a 5-byte
+/// body and sending one byte of it: each placed one holds an app connection.
+fn trickle_named(w: &Worker, prefix: &str, named: &[String]) -> TcpStream {
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_write_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut out = appproxy_test_support::h2frames::PREFACE.to_vec();
+    out.extend(frame(SETTINGS, 0, 0, &[]));
+    for (i, name) in named.iter().enumerate() {
+        let id = format!("{prefix}-{}", i + 1);
+        let fields = [
+            (&b"x-backend-request-id"[..], id.as_bytes()),
+            (b"x-forwarded-for", name.as_bytes()),
+            (b"content-length", b"5"),
+        ];
+        let block = appproxy_test_support::h2frames::request("POST", "/upload", &fields);
+        let stream = 2 * i as u32 + 1;
+        out.extend(frame(HEADERS, END_HEADERS, stream, &block));
+        out.extend(frame(DATA, 0, stream, b"h"));
+    }
+    s.write_all(&out).expect("streams");
+    s
+}
+
 /// Uploads the worker refuses (its 413 for a declared length past `max_body`) end
 /// with `RST_STREAM(NO_ERROR)` while the client's DATA is still in flight. Such late
 /// frames are dropped quietly for a while, however many streams were refused in a

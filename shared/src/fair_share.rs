@@ -16,21 +16,44 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 /// A client address as per-client limits count it: an IPv4 address (IPv4-mapped
-/// IPv6 included), or an IPv6 address's /64, which one host is commonly given whole.
+/// IPv6 included), or an IPv6 address's /64, which one host is commonly given whole
+/// ([`ClientKey::of`]); or, for a share that only one site's clients together may
+/// hold, its /48 ([`ClientKey::site_of`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ClientKey {
     /// An IPv4 client.
     V4(Ipv4Addr),
     /// The upper 64 bits of an IPv6 client's address.
     V6Prefix(u64),
+    /// The upper 48 bits of an IPv6 client's address, in the upper bits of the
+    /// value (its low 16 bits zero).
+    V6Site(u64),
 }
 
+/// The bits of an IPv6 address's upper 64 that name its /48.
+const SITE_MASK: u64 = !0xffff;
+
 impl ClientKey {
-    /// The key `ip` is counted under.
+    /// The key `ip` is counted under: the subscriber, an IPv4 address or an IPv6
+    /// /64 (what a limit set per client counts, as the request rate does).
     pub fn of(ip: IpAddr) -> Self {
         match ip.to_canonical() {
             IpAddr::V4(a) => Self::V4(a),
             IpAddr::V6(a) => Self::V6Prefix((u128::from(a) >> 64) as u64),
+        }
+    }
+
+    /// The site `ip` belongs to: an IPv4 address, or an IPv6 address's /48 (what
+    /// one end site is given at most: a home's /56 or /48, a business's /48, a
+    /// tunnel broker's free /48). For a share of a resource every client needs
+    /// that an attacker must not be able to hold with addresses it has for free:
+    /// one /48 holds 65,536 /64s, and 128 of them (half a home's /56) held
+    /// what 128 IPv4 addresses would. The cost: the clients of one /48 share one
+    /// share, as the clients behind one IPv4 NAT do.
+    pub fn site_of(ip: IpAddr) -> Self {
+        match Self::of(ip) {
+            Self::V6Prefix(p) => Self::V6Site(p & SITE_MASK),
+            key => key,
         }
     }
 }
@@ -215,6 +238,21 @@ mod tests {
             ClientKey::of(ip("::ffff:10.0.0.1")),
             ClientKey::of(ip("10.0.0.1"))
         );
+    }
+
+    #[test]
+    fn a_site_is_an_ipv4_address_or_an_ipv6_slash_48() {
+        let site = |s| ClientKey::site_of(ip(s));
+        assert_eq!(site("2001:db8:1:2::1"), site("2001:db8:1:ffff:9::1"));
+        assert_eq!(
+            site("2001:db8:1::"),
+            ClientKey::V6Site(0x2001_0db8_0001_0000)
+        );
+        assert_ne!(site("2001:db8:1::1"), site("2001:db8:2::1"));
+        assert_ne!(site("2001:db8:1::1"), ClientKey::of(ip("2001:db8:1::1")));
+        assert_eq!(site("10.0.0.1"), ClientKey::of(ip("10.0.0.1")));
+        assert_eq!(site("::ffff:10.0.0.1"), site("10.0.0.1"));
+        assert_ne!(site("10.0.0.1"), site("10.0.0.2"));
     }
 
     #[test]

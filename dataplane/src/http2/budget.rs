@@ -29,12 +29,18 @@
 //! streams. Protecting more would let a few addresses hold the budget with
 //! streams moving a byte a second (eight at their shares did, a verifier found).
 //!
+//! An address here is what the caller keys places by: a site, an IPv4 address or
+//! an IPv6 /48 ([`ClientKey::site_of`]). Keyed by /64, as the first versions
+//! were, one home customer's /56 held the budget (128 of its 256 /64s with 16
+//! live streams each; a tunnel broker's free /48 has 65,536); by /48, an
+//! attacker needs as many sites over IPv6 as addresses over IPv4.
+//!
 //! What the rule cannot give: a place when every address holds at most one more
-//! than the newcomer would (as many addresses as places: 2048 IPv6 /64s, a /53),
-//! or when the addresses holding more hold at most a sixteenth of their share each,
-//! every stream moving bytes within [`MIN_IDLE`] (128 addresses at the defaults, an
-//! IPv6 /57). The budget then bounds the core's memory, and refusals are 503 as
-//! before.
+//! than the newcomer would (as many addresses as places: 2048 IPv4 addresses or
+//! IPv6 /48s), or when the addresses holding more hold at most a sixteenth of
+//! their share each, every stream moving bytes within [`MIN_IDLE`] (128 addresses
+//! at the defaults, a /25 of IPv4, 128 /48s). The budget then bounds the core's
+//! memory, and refusals are 503 as before.
 //!
 //! Pure bookkeeping (no I/O; the caller's clock): the stream tells its
 //! [`Activity`]; the caller ends the stream whose place was taken.
@@ -594,20 +600,37 @@ mod tests {
         assert_eq!(f.places[ended.expect("one ended")].0.key, key(4));
     }
 
-    /// IPv6 clients are counted by /64: one host's addresses hold one share.
+    /// Keyed by site, the /64s of one IPv6 /48 hold one share and make room for
+    /// another /48 as one address would; keyed by /64 (the first versions), eight
+    /// /64s holding one place each left nothing to take.
     #[test]
-    fn an_ipv6_prefix_is_one_holder() {
-        let mut b = Budget::new(4, 1);
+    fn the_slash_64s_of_one_ipv6_site_are_one_holder() {
+        let ip =
+            |site: u16, net: u16| std::net::IpAddr::from([0x2001, 0xdb8, site, net, 0, 0, 0, 1]);
         let now = Instant::now();
-        let a = Activity::new(now);
-        for last in 1..=2u16 {
-            let ip = std::net::IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, last]);
-            b.take(ClientKey::of(ip), &a, now).expect("a place");
+        for (keyed, placed) in [(ClientKey::site_of as fn(_) -> _, 4), (ClientKey::of, 8)] {
+            let mut b = Budget::new(8, 1);
+            let mut held = Vec::new();
+            for net in 1..=8 {
+                let a = Activity::new(now);
+                if b.take(keyed(ip(1, net)), &a, now).is_ok() {
+                    held.push(a);
+                }
+            }
+            assert_eq!(held.len(), placed);
+            for net in 1..=4 {
+                let a = Activity::new(now);
+                b.take(keyed(ip(net + 1, 0)), &a, now).ok();
+            }
+            let later = now + MIN_IDLE;
+            let newcomer = b.take(keyed(ip(9, 0)), &Activity::new(later), later);
+            if placed == 4 {
+                let (_, ended) = newcomer.expect("room made");
+                let ended = ended.expect("a place of the first site");
+                assert!(held.iter().any(|a| Rc::ptr_eq(a, &ended)));
+            } else {
+                assert_eq!(newcomer.err(), Some(Refused::Full));
+            }
         }
-        let ip = std::net::IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 9]);
-        assert_eq!(
-            b.take(ClientKey::of(ip), &a, now).err(),
-            Some(Refused::AddressShare)
-        );
     }
 }

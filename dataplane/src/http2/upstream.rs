@@ -8,9 +8,9 @@
 //! their stream windows, so a stream whose client does not read holds only its own
 //! window, never the connection's that the others need. That window (`app_stream_window`)
 //! is all a stalled stream makes the worker buffer, and a core has at most
-//! `max_app_streams` such streams, shared fairly by client address
-//! ([`AppStreamSlot`], [`super::budget`]); a stream past them gets 503, or takes
-//! the place of an idle stream of an address holding more. A stream is
+//! `max_app_streams` such streams, shared fairly by client site (an IPv4 address,
+//! an IPv6 /48: [`AppStreamSlot`], [`super::budget`]); a stream past them gets
+//! 503, or takes the place of an idle stream of a site holding more. A stream is
 //! relayed both ways at once (bidirectional gRPC streams), trailers included; each
 //! DATA frame's capacity goes back to its sender only once the other side has taken
 //! it, so a stream holds at most a window in flight, never a whole body. A client
@@ -87,12 +87,14 @@ impl AppStreamSlot {
     /// the address a trusted proxy named: a trusted proxy's clients are counted each
     /// by its own address) whose activity is `activity`, or `AppStreamLimit`. A
     /// stream whose place is taken to make room is told so ([`Activity::end`]).
+    /// Places are held by site ([`ClientKey::site_of`]: an IPv4 address, an IPv6
+    /// /48), so that addresses had for free cannot hold the budget.
     pub(super) fn take(
         core: &Core,
         client: std::net::IpAddr,
         activity: &Rc<Activity>,
     ) -> Result<Self, Fail> {
-        let key = ClientKey::of(client);
+        let key = ClientKey::site_of(client);
         let taken = APP_STREAMS.with(|a| {
             let mut a = a.borrow_mut();
             // The core's budget: `max_app_streams`, within the descriptor limit; an
