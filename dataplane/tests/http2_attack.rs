@@ -165,6 +165,77 @@ fn never_accepting_app() -> (TcpListener, TcpStream, std::net::SocketAddr) {
     (app, queued, addr)
 }
 
+/// A worker in front of a [`deaf_app`] (a cap of 2 connections, its head and body
+/// timers at minutes, `timeouts` lines), and a connection to it whose one stream
+/// (`POST /held`, 3 MB of body: far more than the app's socket and the worker's
+/// send buffer hold) waits to write its body to the app; the app's sockets, kept.
+fn a_stream_writing_to_a_deaf_app(timeouts: &str) -> (Worker, TcpStream, DeafApp) {
+    let (app_addr, app) = deaf_app();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app_addr],
+        extra: format!("[limits]\nmax_connections_per_core = 2\n[timeouts]\nhead_secs = 120\nbody_idle_secs = 120\n{timeouts}[http2]\ninitial_stream_window = 4194304\ninitial_connection_window = 4194304\n"),
+        ..Default::default()
+    });
+    let mut a = open(&w);
+    // The worker's windows (4 MiB), its SETTINGS acknowledged (they hold from
+    // then on), before a body that needs them.
+    let (mut settings, mut window) = (false, false);
+    while !(settings && window) {
+        let (ty, flags, id, _) = read_frame(&mut a).expect("the worker's preface");
+        settings |= ty == SETTINGS && flags & ACK == 0;
+        window |= ty == WINDOW_UPDATE && id == 0;
+    }
+    a.write_all(&frame(SETTINGS, ACK, 0, &[])).expect("the ack");
+    const BODY: usize = 3_000_000;
+    let mut block = request_block("/held");
+    literal(&mut block, b"content-length", BODY.to_string().as_bytes());
+    let mut out = frame(HEADERS, END_HEADERS, 1, &block);
+    for (i, chunk) in vec![b'b'; BODY].chunks(16_384).enumerate() {
+        let last = (i + 1) * 16_384 >= BODY;
+        out.extend(frame(DATA, if last { END_STREAM } else { 0 }, 1, chunk));
+    }
+    a.write_all(&out).expect("the request");
+    common::eventually("the app holds the first bytes", || {
+        app.lock()
+            .expect("the app's sockets")
+            .iter()
+            .any(|c| rustix::io::ioctl_fionread(c).unwrap_or(0) > 0)
+    });
+    // The worker writes what the sockets take, then waits on the app.
+    std::thread::sleep(Duration::from_millis(500));
+    (w, a, app)
+}
+
+/// The connections a [`deaf_app`] took, kept open.
+type DeafApp = std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>;
+
+/// An app that takes connections and never reads from them, its sockets given a
+/// 536-byte MSS and a tiny receive buffer, so that what a writer to it may queue
+/// stays small; its connections, kept for the test's length.
+fn deaf_app() -> (std::net::SocketAddr, DeafApp) {
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.set_recv_buffer_size(2048).expect("rcvbuf");
+    sock.set_tcp_mss(536).expect("mss");
+    let local: std::net::SocketAddr = "127.0.0.1:0".parse().expect("address");
+    sock.bind(&local.into()).expect("bind");
+    sock.listen(16).expect("listen");
+    let addr = sock
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("addr");
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    let l: TcpListener = sock.into();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            keep.lock().expect("the app's sockets").push(c);
+        }
+    });
+    (addr, held)
+}
+
 /// SIGTERM: the worker exits well before its minutes-long drain and lingering
 /// bounds, so it did not wait for a lingering connection.
 fn drains_at_once(w: &mut Worker) {
@@ -1063,25 +1134,15 @@ fn a_stream_ending_after_its_connection_does_not_stretch_the_lingering_close() {
 }
 
 /// A connection whose lingering close is over while a stream's handling still holds
-/// its descriptor (the stream waits on its app's connect; the client broke the
-/// protocol, then closed) is no longer one the connection cap closes to admit a new
-/// one: that would close nothing and admit the new one over the cap. The connection
-/// with nothing in hand the longest is closed instead.
+/// its descriptor (the stream is writing its body to an app that stopped reading;
+/// the client broke the protocol, then closed) is no longer one the connection cap
+/// closes to admit a new one: that would close nothing and admit the new one over
+/// the cap. The connection with nothing in hand the longest is closed instead.
 #[test]
 fn a_connection_a_stream_still_holds_after_its_lingering_close_is_not_shed() {
-    let (_app, _queued, app_addr) = never_accepting_app();
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![app_addr],
-        extra: "[limits]\nmax_connections_per_core = 2\n[timeouts]\nupstream_connect_secs = 120\nhead_secs = 120\n".into(),
-        ..Default::default()
-    });
-    let mut a = open(&w);
-    request(&mut a, 1, "/held");
-    common::eventually("the stream is being handled", || {
-        metric(&w, "appproxy_http2_streams_active") == 1
-    });
+    let (w, mut a, _app) = a_stream_writing_to_a_deaf_app("");
     // DATA on stream 0: a connection error; the GOAWAY, the FIN, then the client's
-    // close ends the lingering close. The stream still waits on its app's connect.
+    // close ends the lingering close. The stream still waits to write to its app.
     break_the_protocol(&mut a);
     drop(a);
     common::eventually("the connection's task over", || {
@@ -1160,23 +1221,16 @@ fn a_client_goaway_then_silence_holds_the_connection_only_for_lingering_idle() {
 }
 
 /// A connection in its lingering close while a stream's handling still holds its
-/// descriptor (the stream waits on its app's connect; the client broke the
-/// protocol and stays silent, its socket open) is not one the connection cap closes
-/// to admit a new one: its descriptor would stay open, held by the stream, and the
-/// new connection be admitted over the cap. Drain still closes it at once.
+/// descriptor (the stream waits to write its body to an app that stopped reading;
+/// the client broke the protocol and stays silent, its socket open) is not one the
+/// connection cap closes to admit a new one: its descriptor would stay open, held
+/// by the stream, and the new connection be admitted over the cap. Drain still
+/// closes it at once.
 #[test]
 fn a_lingering_connection_a_stream_still_holds_is_not_shed() {
-    let (_app, _queued, app_addr) = never_accepting_app();
-    let mut w = Worker::start(WorkerOpts {
-        upstreams: vec![app_addr],
-        extra: "[limits]\nmax_connections_per_core = 2\n[timeouts]\nupstream_connect_secs = 120\nhead_secs = 120\nlingering_secs = 300\nlingering_idle_secs = 300\ndrain_secs = 300\n".into(),
-        ..Default::default()
-    });
-    let mut a = open(&w);
-    request(&mut a, 1, "/held");
-    common::eventually("the stream is being handled", || {
-        metric(&w, "appproxy_http2_streams_active") == 1
-    });
+    let (mut w, mut a, _app) = a_stream_writing_to_a_deaf_app(
+        "lingering_secs = 300\nlingering_idle_secs = 300\ndrain_secs = 300\n",
+    );
     // DATA on stream 0: a connection error; the GOAWAY, the FIN: a lingers, silent.
     break_the_protocol(&mut a);
     // b: a new connection with nothing in hand; the core is at its cap of 2.
@@ -1709,18 +1763,7 @@ fn a_stream_ended_after_its_answer_began_is_logged_as_a_cut() {
 /// so the kernel drops the SYNs of those who connect meanwhile and they try again
 /// (after 1 s, then 3 s); then it relays each connection it accepts.
 fn slow_to_accept(to: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
-    let sock =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    let local: std::net::SocketAddr = "127.0.0.1:0".parse().expect("address");
-    sock.bind(&local.into()).expect("bind");
-    sock.listen(0).expect("listen");
-    let addr = sock
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .expect("addr");
-    let plug = TcpStream::connect(addr).expect("the queue's plug");
-    let l: TcpListener = sock.into();
+    let (l, plug, addr) = never_accepting_app();
     std::thread::spawn(move || {
         std::thread::sleep(delay);
         drop(plug);
@@ -1823,6 +1866,44 @@ fn a_stream_ended_while_its_app_is_connected_to_is_answered_503() {
         head_statuses(&mut conns[0], &[stream]),
         [(stream, 503)].into()
     );
+}
+
+/// A client that resets its stream while the worker still connects to the app
+/// ends the wait at once: its access line says the stream was reset (status 0),
+/// for a stream to an HTTP/1.1 app and to an HTTP/2 app alike, and the connect's
+/// failure later is no one's answer. Before, the connect went on for the stream
+/// gone, and its line was the 502 or 504 of the connect failing, seconds later.
+#[test]
+fn a_stream_reset_while_its_app_is_connected_to_is_logged_as_reset() {
+    let (_app, _queued, app) = never_accepting_app();
+    let timeouts = "[timeouts]\nupstream_connect_secs = 60\n";
+    let to_http1 = Worker::start(WorkerOpts {
+        upstreams: vec![app],
+        extra: timeouts.into(),
+        ..Default::default()
+    });
+    for w in [to_http1, in_front_of_an_http2_app(app, timeouts)] {
+        let mut s = open(&w);
+        let mut block = request_block("/");
+        literal(
+            &mut block,
+            b"x-backend-request-id",
+            b"reset-while-connecting",
+        );
+        s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &block))
+            .expect("request");
+        // The worker connects meanwhile (a reset that came first ends the stream
+        // the same way, before the connect).
+        std::thread::sleep(Duration::from_millis(300));
+        s.write_all(&frame(RST_STREAM, 0, 1, &8u32.to_be_bytes()))
+            .expect("the reset");
+        let line = w.wait_access_line("reset-while-connecting");
+        assert_eq!(line["status"], 0, "{line}");
+        common::eventually("the reason logged", || {
+            w.log_text()
+                .contains("client reset the stream while its app was connected to")
+        });
+    }
 }
 
 /// Behind a trusted proxy (`trusted_proxies`), each client named by its

@@ -935,7 +935,12 @@ async fn forward_h1(
         }
         None => {
             core.metrics.add(counter::POOL_MISS, 1);
-            let (c, used) = proxy::connect_route(core, route, addr, side).await?;
+            // A client that resets its stream meanwhile ends the connect: its
+            // access line says so (status 0), not the app's 502 or 504 when the
+            // connect fails later, and the app's health is left as it was.
+            let connect = proxy::connect_route(core, route, addr, side);
+            let (c, used) =
+                unless_reset(ctx, respond, connect, "while its app was connected to").await??;
             addr = used;
             (c, false)
         }
@@ -1176,20 +1181,26 @@ async fn head_unless_reset(
     respond: &mut SendResponse<Bytes>,
 ) -> Result<Result<parse::ResponseHead, proxy::upstream::HeadFailure>, Fail> {
     let mut fields = Vec::new();
-    let read = std::pin::pin!(proxy::read_response_head(
-        &ctx.core,
-        upstream,
-        ubuf,
-        &mut fields,
-        method,
-        None,
-    ));
+    let read = proxy::read_response_head(&ctx.core, upstream, ubuf, &mut fields, method, None);
+    unless_reset(ctx, respond, read, "while its app was answering").await
+}
+
+/// `work`'s outcome, unless the client resets its stream first: that ends the
+/// wait at once, `work` dropped, with `Fail::Abort` saying the stream was reset
+/// `when`.
+pub(super) async fn unless_reset<F: std::future::Future>(
+    ctx: &ConnCtx,
+    respond: &mut SendResponse<Bytes>,
+    work: F,
+    when: &str,
+) -> Result<F::Output, Fail> {
+    let work = std::pin::pin!(work);
     let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
-    match relay::or_watch(read, || {}, reset).await {
+    match relay::or_watch(work, || {}, reset).await {
         Ok(outcome) => Ok(outcome),
         Err(_) => {
             ctx.note_client_reset();
-            Err(Fail::Abort("client reset the stream".into()))
+            Err(Fail::Abort(format!("client reset the stream {when}")))
         }
     }
 }

@@ -873,17 +873,13 @@ pub async fn forward(
 ) -> Result<Done, Fail> {
     let core = &ctx.core;
     let end = body.is_end_stream();
-    let (response, mut up_send, _on_conn, addr) = open_stream(
-        core,
-        req.hop(ctx.hop, route),
-        route,
-        req,
-        &id,
-        trace,
-        end,
-        None,
-    )
-    .await?;
+    // A client that resets its stream while the app's connection is dialed or
+    // handshaken ends the wait (the dial goes on for the others): its access line
+    // says so, not the app's 502 or 504 when the dial fails later.
+    let hop = req.hop(ctx.hop, route);
+    let open = open_stream(core, hop, route, req, &id, trace, end, None);
+    let (response, mut up_send, _on_conn, addr) =
+        super::stream::unless_reset(ctx, respond, open, "while its app was connected to").await??;
     let bytes_in = &req.side.body_in;
     let too_large = Cell::new(false);
     let too_slow = Cell::new(false);
