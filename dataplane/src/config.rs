@@ -80,7 +80,9 @@ pub struct WorkerSection {
     pub tls_sni_certs: Vec<crate::tls::CertPaths>,
     /// `"all"`, a count (`2`) or a CPU list (`"0-3,6"`).
     pub cores: CoreSpec,
-    /// Address frontends listen on.
+    /// Address frontends listen on. An IPv6 address listens on IPv6 only
+    /// (`IPV6_V6ONLY`, as nginx's `listen [::]:80` does): `"::"` takes no IPv4
+    /// client; serving both takes two workers or a balancer in front.
     pub bind_host: IpAddr,
     /// `port` or `wildcard`.
     pub frontend_mode: FrontendMode,

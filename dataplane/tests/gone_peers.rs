@@ -274,6 +274,68 @@ fn a_half_closed_client_keeps_its_late_answer_with_abort_on_close_off() {
     );
 }
 
+/// A client that leaves while the worker still connects to its app (one whose
+/// accept queue is full: the connect waits out `upstream_connect_secs`, a minute
+/// here) ends the connect: the exchange is logged at once as the client's leaving
+/// (status 0, the reason), not as the 502 or 504 of a connect that fails after it
+/// left, whether the client closed (a FIN, with `abort_on_client_close` on, the
+/// default) or reset. As while the app is silent, with the rule off a client that
+/// only ended its side still gets the connect's outcome: its 502, the connect
+/// bounded at 2 s there.
+#[test]
+fn a_client_that_leaves_while_its_app_is_connected_to_ends_the_connect() {
+    let (_app, _queued, app) = common::never_accepting_app();
+    let with = |abort: &str, connect_secs: u32| {
+        Worker::start(WorkerOpts {
+            upstreams: vec![app],
+            extra: format!(
+                "[timeouts]\nupstream_connect_secs = {connect_secs}\n[upstream]\nabort_on_client_close = {abort}\n"
+            ),
+            ..Default::default()
+        })
+    };
+    let request = |w: &Worker, n: u32| {
+        let id = test_id(100 + n);
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.write_all(
+            format!("GET /held HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: {id}\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("request");
+        // The worker connects meanwhile (a client gone first ends it the same way).
+        std::thread::sleep(Duration::from_millis(300));
+        (s, id)
+    };
+    let w = with("true", 60);
+    let (s, closed) = request(&w, 1);
+    let rest = close_and_drain(s);
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    let (s, was_reset) = request(&w, 2);
+    reset(s);
+    for id in [closed, was_reset] {
+        let line = w.wait_access_line(&id);
+        assert_eq!(line["status"], 0, "logged as a client gone: {line}");
+        w.wait_log("the abort's reason", |v| {
+            v["message"] == "exchange aborted"
+                && v["reason"] == "the client left before the app answered"
+                && v["request_id"] == id.as_str()
+        });
+    }
+    eventually("the slots freed", || {
+        metric(&w, "appproxy_connections_active") == 0
+    });
+    let w = with("false", 2);
+    let (s, half_closed) = request(&w, 3);
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let mut s = s;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer:?}");
+    assert_eq!(w.wait_access_line(&half_closed)["status"], 502);
+}
+
 /// The request ID a test client sends, numbered.
 fn test_id(n: u32) -> String {
     format!("7f3e9a10-2b4c-4d5e-8f60-{n:012}")

@@ -154,17 +154,6 @@ fn break_the_protocol(s: &mut TcpStream) {
     assert_eq!(code, Some(PROTOCOL_ERROR), "{kinds:?}");
 }
 
-/// An app whose connects never complete: a backlog of 0 with its one queued
-/// connection never accepted (the kernel drops further SYNs). Both sockets are kept
-/// for the test's length; the address is the app's.
-fn never_accepting_app() -> (TcpListener, TcpStream, std::net::SocketAddr) {
-    let app = TcpListener::bind("127.0.0.1:0").expect("bind");
-    rustix::net::listen(&app, 0).expect("a backlog of 0");
-    let addr = app.local_addr().expect("addr");
-    let queued = TcpStream::connect(addr).expect("the one queued connection");
-    (app, queued, addr)
-}
-
 /// A worker in front of a [`deaf_app`] (a cap of 2 connections, its head and body
 /// timers at minutes, `timeouts` lines), and a connection to it whose one stream
 /// (`POST /held`, 3 MB of body: far more than the app's socket and the worker's
@@ -1763,7 +1752,7 @@ fn a_stream_ended_after_its_answer_began_is_logged_as_a_cut() {
 /// so the kernel drops the SYNs of those who connect meanwhile and they try again
 /// (after 1 s, then 3 s); then it relays each connection it accepts.
 fn slow_to_accept(to: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
-    let (l, plug, addr) = never_accepting_app();
+    let (l, plug, addr) = common::never_accepting_app();
     std::thread::spawn(move || {
         std::thread::sleep(delay);
         drop(plug);
@@ -1875,7 +1864,7 @@ fn a_stream_ended_while_its_app_is_connected_to_is_answered_503() {
 /// gone, and its line was the 502 or 504 of the connect failing, seconds later.
 #[test]
 fn a_stream_reset_while_its_app_is_connected_to_is_logged_as_reset() {
-    let (_app, _queued, app) = never_accepting_app();
+    let (_app, _queued, app) = common::never_accepting_app();
     let timeouts = "[timeouts]\nupstream_connect_secs = 60\n";
     let to_http1 = Worker::start(WorkerOpts {
         upstreams: vec![app],
@@ -1991,6 +1980,45 @@ fn the_slash_64s_of_one_ipv6_site_hold_one_share() {
         "503"
     );
     assert!(ended("v4-").is_empty(), "{}", w.log_text());
+}
+
+/// One /64 that took half the budget while it was empty does not shut the rest
+/// of its /48 out: with the site at its share, a neighbouring /64 takes the place
+/// of that /64's stream idle longest. Keyed by /48 alone, the neighbour got 503
+/// (a reviewer's find: a carrier's or a hosting provider's /48 shut out by one
+/// of its /64s).
+#[test]
+fn one_slash_64_does_not_shut_out_the_rest_of_its_site() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[timeouts]\nbody_idle_secs = 60\n[http2]\nmax_app_streams = 8\n".into(),
+        worker_extra: "trusted_proxies = [\"127.0.0.1/32\"]".into(),
+        ..Default::default()
+    });
+    let ended = || {
+        w.log_json()
+            .iter()
+            .filter(|l| l["target"] == "access")
+            .filter(|l| {
+                l["request_id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("hog-"))
+            })
+            .count()
+    };
+    // Five uploads of one /64: half the budget taken, then the site's share.
+    let hog = vec!["2001:db8:1:1::1".to_owned(); 5];
+    let _hog = trickle_named(&w, "hog", &hog);
+    common::eventually("the fifth refused", || ended() == 1);
+    common::eventually("four app connections", || {
+        up.connections.load(std::sync::atomic::Ordering::SeqCst) == 4
+    });
+    assert_eq!(
+        sixth_address_asks(&w, &["-H", "x-forwarded-for: 2001:db8:1:2::1"]),
+        "200"
+    );
+    common::eventually("one of the four ended to make room", || ended() == 2);
 }
 
 /// Over one connection from 127.0.0.1 (a trusted proxy), one upload per name in

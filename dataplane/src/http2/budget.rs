@@ -33,7 +33,9 @@
 //! an IPv6 /48 ([`ClientKey::site_of`]). Keyed by /64, as the first versions
 //! were, one home customer's /56 held the budget (128 of its 256 /64s with 16
 //! live streams each; a tunnel broker's free /48 has 65,536); by /48, an
-//! attacker needs as many sites over IPv6 as addresses over IPv4.
+//! attacker needs as many sites over IPv6 as addresses over IPv4. Within an
+//! address, its holders (its /64s) share its places by the same rule
+//! ([`Budget::make_room_within`]), so one /64 cannot shut out the rest of its /48.
 //!
 //! What the rule cannot give: a place when every address holds at most one more
 //! than the newcomer would (as many addresses as places: 2048 IPv4 addresses or
@@ -143,11 +145,19 @@ pub const MIN_IDLE: Duration = Duration::from_secs(2);
 /// the budget.
 pub const SCANNED: usize = 8;
 
-/// A place in the [`Budget`]: whose, and which.
+/// A place in the [`Budget`]: whose (the address, and the holder within it),
+/// and which.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Place {
     key: ClientKey,
+    holder: ClientKey,
     id: u64,
+}
+
+/// A place held: its stream's activity, and the holder within the address.
+struct Held {
+    activity: Rc<Activity>,
+    holder: ClientKey,
 }
 
 /// The places of one core, by client address.
@@ -159,7 +169,11 @@ pub struct Budget {
     kept: usize,
     total: usize,
     /// Each address's places (an address leaves with its last), by place.
-    held: HashMap<ClientKey, BTreeMap<u64, Rc<Activity>>>,
+    held: HashMap<ClientKey, BTreeMap<u64, Held>>,
+    /// Places held by each holder within an address that has several (an IPv6
+    /// /64 within its /48), for room made within the address
+    /// ([`Budget::make_room_within`]); a holder that is its address is not kept.
+    by_holder: HashMap<ClientKey, usize>,
     /// Every address holding places, by how many (the last holds most), for the
     /// making of room: kept only while the budget is half taken or more, made
     /// afresh when it gets there and dropped below a quarter, so a budget far from
@@ -179,23 +193,48 @@ impl Budget {
             kept: (per_address / 16).max(1),
             total: 0,
             held: HashMap::new(),
+            by_holder: HashMap::new(),
             by_count: None,
             next: 0,
         }
     }
 
-    /// A place for a stream of the client at `key`, whose activity is `activity`,
-    /// `now`; with it, the activity of the stream whose place was taken to make
-    /// room, for the caller to end ([`Activity::end`]). Refused `AddressShare` past
-    /// half the budget when the address holds its share, `Full` when every place is
-    /// taken and none may be taken for it (the module's rule).
+    /// A place for a stream of the client at `key` (`holder` within it: its IPv6
+    /// /64 within its /48; for an IPv4 client, `key` again), whose activity is
+    /// `activity`, `now`; with it, the activity of the stream whose place was taken
+    /// to make room, for the caller to end ([`Activity::end`]). Refused
+    /// `AddressShare` past half the budget when the address holds its share,
+    /// `Full` when every place is taken and none may be taken for it (the module's
+    /// rule) — unless a holder of its address holds two more than `holder`, whose
+    /// place it then takes ([`Budget::make_room_within`]).
     pub fn take(
         &mut self,
         key: ClientKey,
+        holder: ClientKey,
+        activity: &Rc<Activity>,
+        now: Instant,
+    ) -> Result<(Place, Option<Rc<Activity>>), Refused> {
+        match self.take_for(key, holder, activity, now) {
+            Err(refused) if holder != key => self
+                .make_room_within(key, holder, activity, now)
+                .ok_or(refused),
+            taken => taken,
+        }
+    }
+
+    /// [`Budget::take`] by the address alone.
+    fn take_for(
+        &mut self,
+        key: ClientKey,
+        holder: ClientKey,
         activity: &Rc<Activity>,
         now: Instant,
     ) -> Result<(Place, Option<Rc<Activity>>), Refused> {
         let id = self.next + 1;
+        let held = Held {
+            activity: activity.clone(),
+            holder,
+        };
         let (mine, ended) = if self.total < self.max {
             // A place is free: one look-up of the address.
             let places = self.held.entry(key).or_default();
@@ -204,7 +243,7 @@ impl Budget {
                 // It held some already: no empty entry is left behind.
                 return Err(Refused::AddressShare);
             }
-            places.insert(id, activity.clone());
+            places.insert(id, held);
             (mine, None)
         } else {
             let mine = self.count(key);
@@ -212,21 +251,79 @@ impl Budget {
                 return Err(Refused::AddressShare);
             }
             let ended = self.make_room(mine, now).ok_or(Refused::Full)?;
-            self.held
-                .entry(key)
-                .or_default()
-                .insert(id, activity.clone());
+            self.held.entry(key).or_default().insert(id, held);
             (mine, Some(ended))
         };
         self.next = id;
         self.total += 1;
+        if holder != key {
+            *self.by_holder.entry(holder).or_default() += 1;
+        }
         self.recount(key, mine, mine + 1);
-        Ok((Place { key, id }, ended))
+        Ok((Place { key, holder, id }, ended))
+    }
+
+    /// For a stream of `holder` refused by its address `key`'s count (the address
+    /// at its share, or the budget full and no other address holding two more):
+    /// the place of another holder of the same address holding two more than
+    /// `holder` at least, the one whose stream moved no bytes for longest (a
+    /// transfer in progress only from a holder holding more than `kept`). The
+    /// address holds as many places as before, so nothing changes between
+    /// addresses; within one, a holder cannot shut the others out: keyed by /48
+    /// alone, one /64 that took half the budget while it was empty held its /48's
+    /// share, and every other /64 of the /48 (a carrier's subscribers, a hosting
+    /// provider's customers) was refused on that core. One walk over the address's
+    /// places (at most the budget), for refused IPv6 streams only.
+    fn make_room_within(
+        &mut self,
+        key: ClientKey,
+        holder: ClientKey,
+        activity: &Rc<Activity>,
+        now: Instant,
+    ) -> Option<(Place, Option<Rc<Activity>>)> {
+        let mine = self.by_holder.get(&holder).copied().unwrap_or(0);
+        let places = self.held.get_mut(&key)?;
+        let mut best: Option<(Instant, u64)> = None;
+        for (id, h) in places.iter() {
+            let theirs = self.by_holder.get(&h.holder).copied().unwrap_or(0);
+            if theirs < mine + 2 {
+                continue;
+            }
+            let last = h.activity.last.get();
+            let takeable = theirs > self.kept || now.saturating_duration_since(last) >= MIN_IDLE;
+            if takeable && best.is_none_or(|b| (last, *id) < b) {
+                best = Some((last, *id));
+            }
+        }
+        let (_, taken) = best?;
+        let ended = places.remove(&taken)?;
+        let id = self.next + 1;
+        self.next = id;
+        places.insert(
+            id,
+            Held {
+                activity: activity.clone(),
+                holder,
+            },
+        );
+        self.count_out(ended.holder);
+        *self.by_holder.entry(holder).or_default() += 1;
+        Some((Place { key, holder, id }, Some(ended.activity)))
+    }
+
+    /// One place fewer for `holder`, which leaves with its last.
+    fn count_out(&mut self, holder: ClientKey) {
+        if let Some(n) = self.by_holder.get_mut(&holder) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_holder.remove(&holder);
+            }
+        }
     }
 
     /// Gives `place` back (nothing when it was taken to make room).
     pub fn give_back(&mut self, place: Place) {
-        self.remove(place);
+        self.remove(place.key, place.id);
     }
 
     /// Places taken now.
@@ -262,7 +359,7 @@ impl Budget {
                 .held
                 .get(&key)?
                 .iter()
-                .map(|(id, a)| (a.last.get(), *id))
+                .map(|(id, h)| (h.activity.last.get(), *id))
                 .min()?;
             let idle_enough = now.saturating_duration_since(idlest.0) >= MIN_IDLE;
             if !(idle_enough || unkept) {
@@ -274,20 +371,23 @@ impl Budget {
             }
         }
         let (_, id, key) = best?;
-        self.remove(Place { key, id })
+        self.remove(key, id)
     }
 
-    /// Removes `place`: its stream's activity, when it was still held.
-    fn remove(&mut self, place: Place) -> Option<Rc<Activity>> {
-        let places = self.held.get_mut(&place.key)?;
-        let activity = places.remove(&place.id)?;
+    /// Removes place `id` of `key`: its stream's activity, when it was still held.
+    fn remove(&mut self, key: ClientKey, id: u64) -> Option<Rc<Activity>> {
+        let places = self.held.get_mut(&key)?;
+        let held = places.remove(&id)?;
         let left = places.len();
         if left == 0 {
-            self.held.remove(&place.key);
+            self.held.remove(&key);
+        }
+        if held.holder != key {
+            self.count_out(held.holder);
         }
         self.total -= 1;
-        self.recount(place.key, left + 1, left);
-        Some(activity)
+        self.recount(key, left + 1, left);
+        Some(held.activity)
     }
 
     /// Moves `key` from `from` places to `to` in [`Budget::by_count`] (`total`
@@ -353,7 +453,9 @@ mod tests {
         /// the index of the stream ended to make room, if one was.
         fn take(&mut self, from: u8, secs: u64) -> Result<(usize, Option<usize>), Refused> {
             let activity = Activity::new(self.at(secs));
-            let (place, ended) = self.budget.take(key(from), &activity, self.at(secs))?;
+            let (place, ended) =
+                self.budget
+                    .take(key(from), key(from), &activity, self.at(secs))?;
             let ended = ended.map(|e| {
                 e.end();
                 self.places
@@ -608,22 +710,28 @@ mod tests {
         let ip =
             |site: u16, net: u16| std::net::IpAddr::from([0x2001, 0xdb8, site, net, 0, 0, 0, 1]);
         let now = Instant::now();
-        for (keyed, placed) in [(ClientKey::site_of as fn(_) -> _, 4), (ClientKey::of, 8)] {
+        let by_site = |ip| (ClientKey::site_of(ip), ClientKey::of(ip));
+        let by_64 = |ip| (ClientKey::of(ip), ClientKey::of(ip));
+        for (keyed, placed) in [(&by_site as &dyn Fn(_) -> _, 4), (&by_64, 8)] {
             let mut b = Budget::new(8, 1);
+            let mut take = |ip, a: &Rc<Activity>, now| {
+                let (key, holder) = keyed(ip);
+                b.take(key, holder, a, now)
+            };
             let mut held = Vec::new();
             for net in 1..=8 {
                 let a = Activity::new(now);
-                if b.take(keyed(ip(1, net)), &a, now).is_ok() {
+                if take(ip(1, net), &a, now).is_ok() {
                     held.push(a);
                 }
             }
             assert_eq!(held.len(), placed);
             for net in 1..=4 {
                 let a = Activity::new(now);
-                b.take(keyed(ip(net + 1, 0)), &a, now).ok();
+                take(ip(net + 1, 0), &a, now).ok();
             }
             let later = now + MIN_IDLE;
-            let newcomer = b.take(keyed(ip(9, 0)), &Activity::new(later), later);
+            let newcomer = take(ip(9, 0), &Activity::new(later), later);
             if placed == 4 {
                 let (_, ended) = newcomer.expect("room made");
                 let ended = ended.expect("a place of the first site");
@@ -632,5 +740,57 @@ mod tests {
                 assert_eq!(newcomer.err(), Some(Refused::Full));
             }
         }
+    }
+
+    /// One /64 that took half the budget while it was empty does not shut the
+    /// other /64s of its /48 out: past half, with the site at its share, a
+    /// neighbour takes the place of that /64's stream idle longest (the site holds
+    /// as many places as before, so nothing changes between sites), down to where
+    /// the /64s hold about as many; a /64 holding one place never loses it.
+    /// Keyed by /48 alone, every neighbour was refused.
+    #[test]
+    fn one_slash_64_does_not_shut_out_the_rest_of_its_site() {
+        let ip = |net: u16| std::net::IpAddr::from([0x2001, 0xdb8, 1, net, 0, 0, 0, 1]);
+        let now = Instant::now();
+        let mut b = Budget::new(8, 1);
+        let take = |b: &mut Budget, net: u16, at: Instant| {
+            let a = Activity::new(at);
+            let (site, holder) = (ClientKey::site_of(ip(net)), ClientKey::of(ip(net)));
+            b.take(site, holder, &a, at).map(|(p, ended)| (p, ended, a))
+        };
+        let first: Vec<(Place, Rc<Activity>)> = (0..4)
+            .map(|_| {
+                let (p, ended, a) = take(&mut b, 1, now).expect("half the budget");
+                assert!(ended.is_none());
+                (p, a)
+            })
+            .collect();
+        // Moving streams of a /64 holding more than a sixteenth of the share (1)
+        // are not kept: taken, idlest first, once idle or not.
+        first[0].1.sent(now + Duration::from_secs(1), 1);
+        let at = now + Duration::from_secs(1);
+        let mut ended_of_first = Vec::new();
+        for net in 2..=4 {
+            let (_, ended, _) = take(&mut b, net, at).expect("room within the site");
+            let ended = ended.expect("a place of the first /64");
+            let i = first.iter().position(|(_, a)| Rc::ptr_eq(a, &ended));
+            ended_of_first.push(i.expect("of the first /64"));
+        }
+        assert_eq!(ended_of_first, [1, 2, 3], "the idlest first");
+        assert_eq!(b.taken(), 4);
+        // Every /64 holds one: a fifth gets nothing, from anyone.
+        assert_eq!(take(&mut b, 5, at).err(), Some(Refused::AddressShare));
+        // Another site is not at its share.
+        let other = std::net::IpAddr::from([0x2001, 0xdb8, 2, 0, 0, 0, 0, 1]);
+        let a = Activity::new(at);
+        assert!(b
+            .take(ClientKey::site_of(other), ClientKey::of(other), &a, at)
+            .is_ok_and(|(_, ended)| ended.is_none()));
+        // Given back, every count goes with its places.
+        b.give_back(first[0].0);
+        assert_eq!(b.taken(), 4);
+        // The first site's three /64s holding one each, and the other site's.
+        assert_eq!(b.by_holder.len(), 4);
+        assert!(b.by_holder.values().all(|&n| n == 1));
     }
 }

@@ -62,8 +62,8 @@ const RESET_STREAM_MEMORY: Duration = Duration::from_secs(10);
 /// cancellations added up. What the rule does not stop, and the in-flight cap
 /// bounds: a client that pads each reset with an app request it reads whole, or
 /// opens a new connection every stream cap's worth of resets, costs an app
-/// connection per reset, in proportion to what it sends (the per-client request
-/// rate, when set, bounds that too).
+/// connection (or a connect, abandoned at the reset) per reset, in proportion to
+/// what it sends (the per-client request rate, when set, bounds that too).
 const RESET_WINDOW: Duration = Duration::from_secs(60);
 
 /// Streams whose work began (routed, admitted, handed to an app) and those of them

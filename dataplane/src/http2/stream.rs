@@ -939,8 +939,7 @@ async fn forward_h1(
             // access line says so (status 0), not the app's 502 or 504 when the
             // connect fails later, and the app's health is left as it was.
             let connect = proxy::connect_route(core, route, addr, side);
-            let (c, used) =
-                unless_reset(ctx, respond, connect, "while its app was connected to").await??;
+            let (c, used) = unless_reset(ctx, respond, connect, CONNECTING).await??;
             addr = used;
             (c, false)
         }
@@ -979,7 +978,8 @@ async fn forward_h1(
             let err = ProxyError::UpstreamClosed(e);
             if retry::may_retry(err.fault(), Retry::IfReused, attempt) {
                 attempt = attempt.again();
-                upstream = connect_again(core, route, addr).await?;
+                let again = connect_again(core, route, addr);
+                upstream = unless_reset(ctx, respond, again, CONNECTING).await??;
                 continue;
             }
             return Err(Fail::Answer(err));
@@ -1068,7 +1068,8 @@ async fn forward_h1(
                 };
                 if retry::may_retry(err.fault(), retry, started) {
                     attempt = attempt.again();
-                    upstream = connect_again(core, route, addr).await?;
+                    let again = connect_again(core, route, addr);
+                    upstream = unless_reset(ctx, respond, again, CONNECTING).await??;
                     continue;
                 }
                 proxy::note_health(core, route, addr, false);
@@ -1182,8 +1183,15 @@ async fn head_unless_reset(
 ) -> Result<Result<parse::ResponseHead, proxy::upstream::HeadFailure>, Fail> {
     let mut fields = Vec::new();
     let read = proxy::read_response_head(&ctx.core, upstream, ubuf, &mut fields, method, None);
-    unless_reset(ctx, respond, read, "while its app was answering").await
+    unless_reset(ctx, respond, read, ANSWERING).await
 }
+
+/// When a stream was reset, for [`unless_reset`]: while its app's connection was
+/// dialed or handshaken.
+pub(super) const CONNECTING: &str = "while its app was connected to";
+
+/// When a stream was reset, for [`unless_reset`]: while its app had its request.
+pub(super) const ANSWERING: &str = "while its app was answering";
 
 /// `work`'s outcome, unless the client resets its stream first: that ends the
 /// wait at once, `work` dropped, with `Fail::Abort` saying the stream was reset

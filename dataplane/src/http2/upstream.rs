@@ -20,7 +20,7 @@
 //! (`UNAVAILABLE`) with `grpc-message` and the request ID.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
@@ -88,13 +88,15 @@ impl AppStreamSlot {
     /// by its own address) whose activity is `activity`, or `AppStreamLimit`. A
     /// stream whose place is taken to make room is told so ([`Activity::end`]).
     /// Places are held by site ([`ClientKey::site_of`]: an IPv4 address, an IPv6
-    /// /48), so that addresses had for free cannot hold the budget.
+    /// /48), so that addresses had for free cannot hold the budget, and shared
+    /// within a site by /64 ([`ClientKey::of`]), so that one /64 cannot shut out
+    /// the rest of its /48.
     pub(super) fn take(
         core: &Core,
         client: std::net::IpAddr,
         activity: &Rc<Activity>,
     ) -> Result<Self, Fail> {
-        let key = ClientKey::site_of(client);
+        let (key, holder) = (ClientKey::site_of(client), ClientKey::of(client));
         let taken = APP_STREAMS.with(|a| {
             let mut a = a.borrow_mut();
             // The core's budget: `max_app_streams`, within the descriptor limit; an
@@ -107,7 +109,7 @@ impl AppStreamSlot {
                 Budget::new(max, per_address)
             });
             budget
-                .take(key, activity, core.reactor.now())
+                .take(key, holder, activity, core.reactor.now())
                 .map_err(|refused| (refused, budget.taken(), budget.per_address()))
         });
         match taken {
@@ -185,8 +187,14 @@ pub struct UpConn {
     streams: Cell<usize>,
     idle: std::time::Duration,
     state: RefCell<State>,
-    /// Streams waiting for it to connect.
-    waiters: RefCell<Vec<std::task::Waker>>,
+    /// Streams waiting for it to connect, by registration ([`UpConn::connected`]):
+    /// a stream that goes meanwhile (its client reset it, it was ended to make
+    /// room) takes its waker with it. Kept in a list, every stream reset during a
+    /// slow dial left one behind (its task's memory with it) and made the next
+    /// registration's scan longer, for as long as the dial lasted.
+    waiters: RefCell<BTreeMap<u64, std::task::Waker>>,
+    /// The next registration's number.
+    next_waiter: Cell<u64>,
     /// Its TLS mode and server name (`None`: plain TCP): only routes that would
     /// make the same connection use it ([`proxy::kind_of`]).
     tls: Option<(UpstreamTls, Box<str>)>,
@@ -214,25 +222,58 @@ impl UpConn {
     /// Its state is final: waiters are woken to read it.
     fn settle(&self, state: State) {
         *self.state.borrow_mut() = state;
-        for w in self.waiters.take() {
+        for w in self.waiters.take().into_values() {
             w.wake();
         }
     }
 
     /// A handle once it is open, or why it will not be.
     async fn connected(&self) -> Result<SendRequest<Bytes>, ConnectError> {
+        let mut waiting = Waiting {
+            up: self,
+            key: None,
+        };
         poll_fn(|cx| match &*self.state.borrow() {
             State::Connecting => {
-                let mut w = self.waiters.borrow_mut();
-                if !w.iter().any(|w| w.will_wake(cx.waker())) {
-                    w.push(cx.waker().clone());
-                }
+                waiting.register(cx.waker());
                 std::task::Poll::Pending
             }
             State::Ready(s) => std::task::Poll::Ready(Ok(s.clone())),
             State::Failed(e) => std::task::Poll::Ready(Err(e.again())),
         })
         .await
+    }
+}
+
+/// A stream's registration among an [`UpConn`]'s waiters, withdrawn when the
+/// stream stops waiting, whichever way.
+struct Waiting<'a> {
+    up: &'a UpConn,
+    key: Option<u64>,
+}
+
+impl Waiting<'_> {
+    /// Registers `waker` (or keeps the one registered, when it wakes the same task).
+    fn register(&mut self, waker: &std::task::Waker) {
+        let mut all = self.up.waiters.borrow_mut();
+        if let Some(kept) = self.key.and_then(|k| all.get_mut(&k)) {
+            if !kept.will_wake(waker) {
+                *kept = waker.clone();
+            }
+            return;
+        }
+        let key = self.up.next_waiter.get();
+        self.up.next_waiter.set(key + 1);
+        all.insert(key, waker.clone());
+        self.key = Some(key);
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            self.up.waiters.borrow_mut().remove(&key);
+        }
     }
 }
 
@@ -330,7 +371,8 @@ async fn sender(
         streams: Cell::new(0),
         idle: core.rt.pool_idle_timeout,
         state: RefCell::new(State::Connecting),
-        waiters: RefCell::new(Vec::new()),
+        waiters: RefCell::new(BTreeMap::new()),
+        next_waiter: Cell::new(0),
         tls: tls.map(|(m, n)| (m, n.into())),
         key: (addr, generation),
         retired: Cell::new(false),
@@ -879,7 +921,7 @@ pub async fn forward(
     let hop = req.hop(ctx.hop, route);
     let open = open_stream(core, hop, route, req, &id, trace, end, None);
     let (response, mut up_send, _on_conn, addr) =
-        super::stream::unless_reset(ctx, respond, open, "while its app was connected to").await??;
+        super::stream::unless_reset(ctx, respond, open, super::stream::CONNECTING).await??;
     let bytes_in = &req.side.body_in;
     let too_large = Cell::new(false);
     let too_slow = Cell::new(false);
@@ -952,7 +994,10 @@ pub async fn forward(
                 }
                 Some(Head::ClientReset) => {
                     ctx.note_client_reset();
-                    return Err(Fail::Abort("client reset the stream".into()));
+                    return Err(Fail::Abort(format!(
+                        "client reset the stream {}",
+                        super::stream::ANSWERING
+                    )));
                 }
                 Some(Head::Next(NextHead::Refused(r))) => return Err(r.fail(core, route, addr)),
                 // Relayed as it comes; the next head has its own wait, as from an
@@ -983,8 +1028,14 @@ pub async fn forward(
                         // In the place the first stream took: one per exchange.
                         let place = Some(_on_conn.1);
                         let hop = req.hop(ctx.hop, route);
-                        let (r, send, places, a) =
-                            open_stream(core, hop, route, req, &id, trace, end, place).await?;
+                        let again = open_stream(core, hop, route, req, &id, trace, end, place);
+                        let (r, send, places, a) = super::stream::unless_reset(
+                            ctx,
+                            respond,
+                            again,
+                            super::stream::CONNECTING,
+                        )
+                        .await??;
                         (response, addr, _again, _on_conn) = (r, a, Some(send), places);
                         continue;
                     }
@@ -1063,4 +1114,48 @@ pub async fn forward(
         })
     };
     futures_lite::future::or(response_side, request_side).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An [`UpConn`] being dialed.
+    fn connecting() -> UpConn {
+        UpConn {
+            conn: RefCell::new(None),
+            streams: Cell::new(0),
+            idle: std::time::Duration::from_secs(1),
+            state: RefCell::new(State::Connecting),
+            waiters: RefCell::new(BTreeMap::new()),
+            next_waiter: Cell::new(0),
+            tls: None,
+            key: (SocketAddr::from(([127, 0, 0, 1], 1)), 1),
+            retired: Cell::new(false),
+        }
+    }
+
+    /// A stream that stops waiting for a connection being dialed (its client reset
+    /// it, it was ended to make room) withdraws its waker, and one still waiting is
+    /// woken by the dial's end and reads it. Before, each stream that went left its
+    /// waker (and with it its task's memory) in a list that every registration
+    /// scanned, until the dial ended: a flood of streams reset during a slow dial
+    /// cost memory and, per stream, time in proportion to those before it.
+    #[test]
+    fn a_stream_that_stops_waiting_for_a_dial_leaves_nothing_behind() {
+        use futures_lite::future::{block_on, poll_once};
+        let up = connecting();
+        for _ in 0..100 {
+            let mut wait = std::pin::pin!(up.connected());
+            assert!(block_on(poll_once(wait.as_mut())).is_none());
+            assert!(block_on(poll_once(wait.as_mut())).is_none());
+            assert_eq!(up.waiters.borrow().len(), 1);
+        }
+        assert!(up.waiters.borrow().is_empty());
+        let mut wait = std::pin::pin!(up.connected());
+        assert!(block_on(poll_once(wait.as_mut())).is_none());
+        up.settle(State::Failed(ConnectError::Busy));
+        assert!(up.waiters.borrow().is_empty());
+        assert!(matches!(block_on(wait), Err(ConnectError::Busy)));
+    }
 }

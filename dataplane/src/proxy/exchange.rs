@@ -616,7 +616,8 @@ impl Client {
                 return Err(f);
             }
         }
-        let (mut upstream, addr, reused) = match self.open_upstream(route, addr, &x.side).await {
+        let opened = self.open_upstream(route, addr, &x.side, has_body).await;
+        let (mut upstream, addr, reused) = match opened {
             Ok(opened) => opened,
             Err(f) => {
                 self.conn.disarm_read_floor();
@@ -650,11 +651,20 @@ impl Client {
     /// A pooled connection to `addr`, or a new one (to `addr` or, when that fails,
     /// another upstream of the route): the connection, its address, whether reused.
     /// `side` is told the apps tried.
+    ///
+    /// A request without a body was read whole: its client is watched while the
+    /// app is connected to, as while the app is silent ([`read_response_head`]),
+    /// and one gone (reset or hung up; its end of stream too, with `[upstream]
+    /// abort_on_client_close`) ends the connect, dropped, the app's health
+    /// untouched: the exchange is logged as the client's leaving, not as the 502
+    /// or 504 of a connect that failed seconds after it left. With a body to come,
+    /// its end of stream is no leaving, and it is watched from its next read on.
     async fn open_upstream(
         &mut self,
         route: &Route,
         addr: SocketAddr,
         side: &AppSide,
+        has_body: bool,
     ) -> Result<(TcpConn, SocketAddr, bool), Failure> {
         let core = &self.core;
         if let Some(c) =
@@ -666,8 +676,22 @@ impl Client {
             return Ok((c, addr, true));
         }
         core.metrics.add(counter::POOL_MISS, 1);
-        let (conn, used) = connect_route(core, route, addr, side).await?;
-        Ok((conn, used, false))
+        let connect = connect_route(core, route, addr, side);
+        if has_body {
+            let (conn, used) = connect.await?;
+            return Ok((conn, used, false));
+        }
+        futures_lite::pin!(connect);
+        let gone = self
+            .conn
+            .gone(relay::Gone::on_close(core.rt.abort_on_client_close));
+        match relay::or_watch(connect, || self.conn.set_deadline(None), gone).await {
+            Ok(opened) => {
+                let (conn, used) = opened?;
+                Ok((conn, used, false))
+            }
+            Err(()) => Err(Failure::Abort(CLIENT_LEFT.into())),
+        }
     }
 
     /// The final answer an app sent before it took the whole request body (it

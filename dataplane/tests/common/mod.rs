@@ -972,3 +972,14 @@ pub fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
         }
     }
 }
+
+/// An app whose connects never complete: a backlog of 0 with its one queued
+/// connection never accepted (the kernel drops further SYNs). Both sockets are kept
+/// for the test's length; the address is the app's.
+pub fn never_accepting_app() -> (TcpListener, TcpStream, std::net::SocketAddr) {
+    let app = TcpListener::bind("127.0.0.1:0").expect("bind");
+    rustix::net::listen(&app, 0).expect("a backlog of 0");
+    let addr = app.local_addr().expect("addr");
+    let queued = TcpStream::connect(addr).expect("the one queued connection");
+    (app, queued, addr)
+}
