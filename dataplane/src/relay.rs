@@ -753,9 +753,16 @@ pub async fn fill_watching(
     watched: &TcpConn,
     gone: Gone,
 ) -> Option<io::Result<usize>> {
-    let fill = sbuf.fill(src, limit);
-    futures_lite::pin!(fill);
-    or_watch(fill, || watched.set_deadline(None), watched.gone(gone))
+    unless_gone(sbuf.fill(src, limit), watched, gone).await
+}
+
+/// `work`'s outcome, unless `client` is gone first as `gone` says (`None`, `work`
+/// dropped): a wait on an app (its connect, its answer) for a client whose
+/// request was read whole. While it waits the client's deadline is cleared: the
+/// wait is bounded by its own, and the client's next read or write arms its own.
+pub async fn unless_gone<F: Future>(work: F, client: &TcpConn, gone: Gone) -> Option<F::Output> {
+    let work = std::pin::pin!(work);
+    or_watch(work, || client.set_deadline(None), client.gone(gone))
         .await
         .ok()
 }

@@ -285,12 +285,13 @@ fn a_half_closed_client_keeps_its_late_answer_with_abort_on_close_off() {
 #[test]
 fn a_client_that_leaves_while_its_app_is_connected_to_ends_the_connect() {
     let (_app, _queued, app) = common::never_accepting_app();
-    let with = |abort: &str, connect_secs: u32| {
+    let with = |abort: &str, connect_secs: u32, circuit: &str| {
         Worker::start(WorkerOpts {
             upstreams: vec![app],
             extra: format!(
                 "[timeouts]\nupstream_connect_secs = {connect_secs}\n[upstream]\nabort_on_client_close = {abort}\n"
             ),
+            circuit_extra: circuit.into(),
             ..Default::default()
         })
     };
@@ -306,26 +307,33 @@ fn a_client_that_leaves_while_its_app_is_connected_to_ends_the_connect() {
         std::thread::sleep(Duration::from_millis(300));
         (s, id)
     };
-    let w = with("true", 60);
-    let (s, closed) = request(&w, 1);
-    let rest = close_and_drain(s);
-    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
-    let (s, was_reset) = request(&w, 2);
-    reset(s);
-    for id in [closed, was_reset] {
-        let line = w.wait_access_line(&id);
-        assert_eq!(line["status"], 0, "logged as a client gone: {line}");
-        w.wait_log("the abort's reason", |v| {
-            v["message"] == "exchange aborted"
-                && v["reason"] == "the client left before the app answered"
-                && v["request_id"] == id.as_str()
+    // An HTTP/1.1 app's connect, and the dial of an HTTP/2 app's connection for
+    // a client bridged to it.
+    for (n, circuit) in [(1, ""), (3, "protocol = \"http2\"")] {
+        let w = with("true", 60, circuit);
+        let (s, closed) = request(&w, n);
+        let rest = close_and_drain(s);
+        assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+        let (s, was_reset) = request(&w, n + 1);
+        reset(s);
+        for id in [closed, was_reset] {
+            let line = w.wait_access_line(&id);
+            assert_eq!(
+                line["status"], 0,
+                "{circuit}: logged as a client gone: {line}"
+            );
+            w.wait_log("the abort's reason", |v| {
+                v["message"] == "exchange aborted"
+                    && v["reason"] == "the client left before the app answered"
+                    && v["request_id"] == id.as_str()
+            });
+        }
+        eventually("the slots freed", || {
+            metric(&w, "appproxy_connections_active") == 0
         });
     }
-    eventually("the slots freed", || {
-        metric(&w, "appproxy_connections_active") == 0
-    });
-    let w = with("false", 2);
-    let (s, half_closed) = request(&w, 3);
+    let w = with("false", 2, "");
+    let (s, half_closed) = request(&w, 5);
     s.shutdown(std::net::Shutdown::Write).expect("half-close");
     let mut s = s;
     s.set_read_timeout(Some(Duration::from_secs(30)))

@@ -92,8 +92,20 @@ pub async fn forward(
             }
         };
     }
-    let (mut response, mut up_send, mut _on_conn, mut addr) =
-        upstream::open_stream(core, hop, route, &req!(), &id, trace, end, None).await?;
+    // A client of a request read whole (no body) that leaves while its app's
+    // connection is dialed ends the wait, as while the app is silent.
+    let gone = relay::Gone::on_close(rt.abort_on_client_close);
+    let client_left = || Fail::Abort(crate::proxy::exchange::CLIENT_LEFT.into());
+    let first = req!();
+    let open = upstream::open_stream(core, hop, route, &first, &id, trace, end, None);
+    let opened = if end {
+        relay::unless_gone(open, conn, gone)
+            .await
+            .ok_or_else(client_left)?
+    } else {
+        open.await
+    };
+    let (mut response, mut up_send, mut _on_conn, mut addr) = opened?;
     // A request without a body keeps its head in the client buffer until the
     // answer's head came: a stream the app never processed is sent again once
     // ([`upstream::retry_of`]).
@@ -250,19 +262,18 @@ pub async fn forward(
                 {
                     tracing::info!(upstream = %addr, error = %e, "the app did not process the stream; sending it again");
                     attempt = attempt.again();
-                    (response, up_send, _on_conn, addr) =
-                        // In the place the first stream took: one per exchange.
-                        upstream::open_stream(
-                            core,
-                            hop,
-                            route,
-                            &req!(),
-                            &id,
-                            trace,
-                            end,
-                            Some(_on_conn.1),
-                        )
-                        .await?;
+                    // In the place the first stream took: one per exchange.
+                    let place = Some(_on_conn.1);
+                    let retried = req!();
+                    let again =
+                        upstream::open_stream(core, hop, route, &retried, &id, trace, end, place);
+                    (response, up_send, _on_conn, addr) = if end {
+                        relay::unless_gone(again, conn, gone)
+                            .await
+                            .ok_or_else(client_left)??
+                    } else {
+                        again.await?
+                    };
                 }
                 Some(NextHead::Final(Err(e))) => {
                     return Err(upstream::response_failure(core, route, addr, e))

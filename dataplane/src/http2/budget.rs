@@ -145,12 +145,10 @@ pub const MIN_IDLE: Duration = Duration::from_secs(2);
 /// the budget.
 pub const SCANNED: usize = 8;
 
-/// A place in the [`Budget`]: whose (the address, and the holder within it),
-/// and which.
+/// A place in the [`Budget`]: whose, and which.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Place {
     key: ClientKey,
-    holder: ClientKey,
     id: u64,
 }
 
@@ -260,20 +258,21 @@ impl Budget {
             *self.by_holder.entry(holder).or_default() += 1;
         }
         self.recount(key, mine, mine + 1);
-        Ok((Place { key, holder, id }, ended))
+        Ok((Place { key, id }, ended))
     }
 
     /// For a stream of `holder` refused by its address `key`'s count (the address
     /// at its share, or the budget full and no other address holding two more):
     /// the place of another holder of the same address holding two more than
     /// `holder` at least, the one whose stream moved no bytes for longest (a
-    /// transfer in progress only from a holder holding more than `kept`). The
+    /// transfer in progress only while the address holds more than `kept`). The
     /// address holds as many places as before, so nothing changes between
     /// addresses; within one, a holder cannot shut the others out: keyed by /48
     /// alone, one /64 that took half the budget while it was empty held its /48's
     /// share, and every other /64 of the /48 (a carrier's subscribers, a hosting
     /// provider's customers) was refused on that core. One walk over the address's
-    /// places (at most the budget), for refused IPv6 streams only.
+    /// places (at most the budget), for refused IPv6 streams only, and only when
+    /// the address holds enough that another holder may hold two more.
     fn make_room_within(
         &mut self,
         key: ClientKey,
@@ -283,6 +282,17 @@ impl Budget {
     ) -> Option<(Place, Option<Rc<Activity>>)> {
         let mine = self.by_holder.get(&holder).copied().unwrap_or(0);
         let places = self.held.get_mut(&key)?;
+        let site = places.len();
+        if site < 2 * mine + 2 {
+            // The others hold fewer than `mine + 2` together: none holds as many.
+            return None;
+        }
+        // Transfers in progress are kept only while the address holds no more
+        // than `kept` (a household's devices keep their live streams from each
+        // other): past it, holders each within `kept` could hold its whole share
+        // with streams moving a byte a second (16 /64s of 16, a /56's fraction:
+        // the reviewer's find against the first version).
+        let unkept = site > self.kept;
         let mut best: Option<(Instant, u64)> = None;
         for (id, h) in places.iter() {
             let theirs = self.by_holder.get(&h.holder).copied().unwrap_or(0);
@@ -290,7 +300,7 @@ impl Budget {
                 continue;
             }
             let last = h.activity.last.get();
-            let takeable = theirs > self.kept || now.saturating_duration_since(last) >= MIN_IDLE;
+            let takeable = unkept || now.saturating_duration_since(last) >= MIN_IDLE;
             if takeable && best.is_none_or(|b| (last, *id) < b) {
                 best = Some((last, *id));
             }
@@ -308,7 +318,7 @@ impl Budget {
         );
         self.count_out(ended.holder);
         *self.by_holder.entry(holder).or_default() += 1;
-        Some((Place { key, holder, id }, Some(ended.activity)))
+        Some((Place { key, id }, Some(ended.activity)))
     }
 
     /// One place fewer for `holder`, which leaves with its last.
@@ -355,19 +365,27 @@ impl Budget {
                 break;
             }
             let unkept = count > self.kept;
-            let idlest = self
-                .held
-                .get(&key)?
-                .iter()
-                .map(|(id, h)| (h.activity.last.get(), *id))
-                .min()?;
-            let idle_enough = now.saturating_duration_since(idlest.0) >= MIN_IDLE;
-            if !(idle_enough || unkept) {
-                continue;
+            // The address's place that may be taken whose stream moved no bytes for
+            // longest; within an address of several holders, one whose holder holds
+            // more than that place first (a /64 holding one place loses it only
+            // when no other of its /48 holds one that may be taken).
+            let mut idlest: Option<(bool, Instant, u64)> = None;
+            for (id, h) in self.held.get(&key)? {
+                let last = h.activity.last.get();
+                if !(unkept || now.saturating_duration_since(last) >= MIN_IDLE) {
+                    continue;
+                }
+                let lonely = h.holder != key && self.by_holder.get(&h.holder) == Some(&1);
+                if idlest.is_none_or(|i| (lonely, last, *id) < i) {
+                    idlest = Some((lonely, last, *id));
+                }
             }
+            let Some((_, last, id)) = idlest else {
+                continue;
+            };
             weighed += 1;
-            if best.is_none_or(|(t, id, _)| idlest < (t, id)) {
-                best = Some((idlest.0, idlest.1, key));
+            if best.is_none_or(|(t, i, _)| (last, id) < (t, i)) {
+                best = Some((last, id, key));
             }
         }
         let (_, id, key) = best?;
@@ -792,5 +810,89 @@ mod tests {
         // The first site's three /64s holding one each, and the other site's.
         assert_eq!(b.by_holder.len(), 4);
         assert!(b.by_holder.values().all(|&n| n == 1));
+    }
+
+    /// Within an address holding more than `kept` places, transfers in progress
+    /// are not kept from its other holders: /64s each holding no more than `kept`
+    /// places, every stream moving, no longer hold the whole of their /48's places
+    /// against a neighbour (16 /64s of 16 at the defaults, a fraction of a /56: the
+    /// reviewer's find against the first version, which kept them by the /64's
+    /// count). An address holding no more than `kept` keeps them.
+    #[test]
+    fn within_an_address_holding_many_moving_streams_are_not_kept() {
+        let ip = |net: u16| std::net::IpAddr::from([0x2001, 0xdb8, 1, net, 0, 0, 0, 1]);
+        let keys = |net| (ClientKey::site_of(ip(net)), ClientKey::of(ip(net)));
+        let now = Instant::now();
+        let moving = now + Duration::from_secs(9);
+        let at = now + Duration::from_secs(10);
+        // A share of 32 (`kept` 2), a budget of 8: four /64s hold two each, all
+        // moving. The site holds 8, more than 2.
+        let mut b = Budget::new(8, 32);
+        let mut held = Vec::new();
+        for net in 1..=4 {
+            for _ in 0..2 {
+                let a = Activity::new(now);
+                let (site, holder) = keys(net);
+                b.take(site, holder, &a, now).expect("a place");
+                a.sent(moving, 1);
+                held.push(a);
+            }
+        }
+        let (site, holder) = keys(5);
+        let (_, ended) = b
+            .take(site, holder, &Activity::new(at), at)
+            .expect("room within the site");
+        let ended = ended.expect("a moving stream");
+        assert!(held.iter().any(|a| Rc::ptr_eq(a, &ended)));
+        // A site holding no more than `kept` keeps its moving streams.
+        let mut b = Budget::new(2, 32);
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let a = Activity::new(now);
+            let (site, holder) = keys(1);
+            b.take(site, holder, &a, now).expect("a place");
+            a.sent(moving, 1);
+            held.push(a);
+        }
+        let (site, holder) = keys(2);
+        assert_eq!(
+            b.take(site, holder, &Activity::new(at), at).err(),
+            Some(Refused::Full)
+        );
+    }
+
+    /// Room made for another address takes, within an address of several holders,
+    /// a place of a holder holding more than one before the one place of another,
+    /// even when that place is idler: a /64 holding one place of its /48 loses it
+    /// only when no other /64 of its /48 holds one that may be taken.
+    #[test]
+    fn room_made_from_a_site_spares_a_slash_64_holding_one_place() {
+        let ip = |net: u16| std::net::IpAddr::from([0x2001, 0xdb8, 1, net, 0, 0, 0, 1]);
+        let keys = |net| (ClientKey::site_of(ip(net)), ClientKey::of(ip(net)));
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        let mut b = Budget::new(8, 8);
+        let (site, lone) = keys(1);
+        let single = Activity::new(at(0));
+        b.take(site, lone, &single, at(0)).expect("a place");
+        let (_, busy) = keys(2);
+        let mut three = Vec::new();
+        for _ in 0..3 {
+            let a = Activity::new(at(1));
+            b.take(site, busy, &a, at(1)).expect("a place");
+            three.push(a);
+        }
+        for last in 1..=4 {
+            let v4 = ClientKey::of(std::net::IpAddr::from([10, 0, 0, last]));
+            b.take(v4, v4, &Activity::new(at(2)), at(2))
+                .expect("a place");
+        }
+        let newcomer = ClientKey::of(std::net::IpAddr::from([10, 0, 0, 9]));
+        let (_, ended) = b
+            .take(newcomer, newcomer, &Activity::new(at(10)), at(10))
+            .expect("room made");
+        let ended = ended.expect("a place of the site");
+        assert!(three.iter().any(|a| Rc::ptr_eq(a, &ended)));
+        assert!(!Rc::ptr_eq(&single, &ended));
     }
 }

@@ -1158,4 +1158,37 @@ mod tests {
         assert!(up.waiters.borrow().is_empty());
         assert!(matches!(block_on(wait), Err(ConnectError::Busy)));
     }
+
+    /// A waiter polled again by another task's waker keeps one registration, with
+    /// the last waker: the dial's end wakes that one.
+    #[test]
+    fn a_waiter_polled_with_another_waker_is_woken_by_the_last() {
+        use std::future::Future;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use std::task::{Context, Wake, Waker};
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let (first, last) = (
+            Arc::new(Count(AtomicUsize::new(0))),
+            Arc::new(Count(AtomicUsize::new(0))),
+        );
+        let up = connecting();
+        let mut wait = std::pin::pin!(up.connected());
+        for count in [&first, &last] {
+            let waker = Waker::from(count.clone());
+            assert!(wait
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending());
+            assert_eq!(up.waiters.borrow().len(), 1);
+        }
+        up.settle(State::Failed(ConnectError::Busy));
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert_eq!(last.0.load(Ordering::SeqCst), 1);
+    }
 }

@@ -641,7 +641,8 @@ impl Client {
                 Err(Attempted::Retry(err, what)) => {
                     tracing::debug!(error = %err, "{what}");
                     attempt = attempt.again();
-                    upstream = connect(&core, route, addr).await?;
+                    let again = async { Ok::<_, Failure>(connect(&core, route, addr).await?) };
+                    upstream = self.unless_client_left(has_body, again).await?;
                 }
                 Err(Attempted::Failed(f)) => return Err(f),
             }
@@ -677,21 +678,27 @@ impl Client {
         }
         core.metrics.add(counter::POOL_MISS, 1);
         let connect = connect_route(core, route, addr, side);
+        let (conn, used) = self.unless_client_left(has_body, connect).await?;
+        Ok((conn, used, false))
+    }
+
+    /// `connect`'s outcome (a connect to the app), unless the client of a request
+    /// read whole (`!has_body`) leaves first: as while the app is silent, reset or
+    /// hung up, or its end of stream too with `[upstream] abort_on_client_close`.
+    /// With a body to come its end of stream is no leaving, and it is watched from
+    /// its next read on.
+    async fn unless_client_left<T>(
+        &self,
+        has_body: bool,
+        connect: impl std::future::Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failure> {
         if has_body {
-            let (conn, used) = connect.await?;
-            return Ok((conn, used, false));
+            return connect.await;
         }
-        futures_lite::pin!(connect);
-        let gone = self
-            .conn
-            .gone(relay::Gone::on_close(core.rt.abort_on_client_close));
-        match relay::or_watch(connect, || self.conn.set_deadline(None), gone).await {
-            Ok(opened) => {
-                let (conn, used) = opened?;
-                Ok((conn, used, false))
-            }
-            Err(()) => Err(Failure::Abort(CLIENT_LEFT.into())),
-        }
+        let gone = relay::Gone::on_close(self.core.rt.abort_on_client_close);
+        relay::unless_gone(connect, &self.conn, gone)
+            .await
+            .unwrap_or_else(|| Err(Failure::Abort(CLIENT_LEFT.into())))
     }
 
     /// The final answer an app sent before it took the whole request body (it
