@@ -317,16 +317,7 @@ fn a_client_that_leaves_while_its_app_is_connected_to_ends_the_connect() {
         let (s, was_reset) = request(&w, n + 1);
         reset(s);
         for id in [closed, was_reset] {
-            let line = w.wait_access_line(&id);
-            assert_eq!(
-                line["status"], 0,
-                "{circuit}: logged as a client gone: {line}"
-            );
-            w.wait_log("the abort's reason", |v| {
-                v["message"] == "exchange aborted"
-                    && v["reason"] == "the client left before the app answered"
-                    && v["request_id"] == id.as_str()
-            });
+            logged_as_left(&w, &id, circuit);
         }
         eventually("the slots freed", || {
             metric(&w, "appproxy_connections_active") == 0
@@ -342,6 +333,18 @@ fn a_client_that_leaves_while_its_app_is_connected_to_ends_the_connect() {
     let _ = s.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer:?}");
     assert_eq!(w.wait_access_line(&half_closed)["status"], 502);
+}
+
+/// The exchange `id` is logged as a client gone (`what` names the case): its
+/// access line with status 0, and the abort's reason.
+fn logged_as_left(w: &Worker, id: &str, what: &str) {
+    let line = w.wait_access_line(id);
+    assert_eq!(line["status"], 0, "{what}: logged as a client gone: {line}");
+    w.wait_log("the abort's reason", |v| {
+        v["message"] == "exchange aborted"
+            && v["reason"] == "the client left before the app answered"
+            && v["request_id"] == id
+    });
 }
 
 /// The request ID a test client sends, numbered.
@@ -396,13 +399,7 @@ fn a_client_that_closed_before_the_apps_answer_has_the_apps_connection_closed() 
         eventually(&format!("{n}: the app's connection closed"), || {
             app.closed.load(Ordering::SeqCst) == n
         });
-        let line = w.wait_access_line(&id);
-        assert_eq!(line["status"], 0, "{n}: logged as a client gone: {line}");
-        w.wait_log("the abort's reason", |v| {
-            v["message"] == "exchange aborted"
-                && v["reason"] == "the client left before the app answered"
-                && v["request_id"] == id.as_str()
-        });
+        logged_as_left(&w, &id, &n.to_string());
     }
     eventually("the slot freed", || {
         metric(&w, "appproxy_connections_active") == 0

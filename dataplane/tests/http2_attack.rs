@@ -1902,13 +1902,7 @@ fn a_stream_reset_while_its_app_is_connected_to_is_logged_as_reset() {
 /// the core's budget, so one client behind it took every place.
 #[test]
 fn a_trusted_proxys_clients_each_hold_their_own_share() {
-    let up = Upstream::start();
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![up.addr],
-        extra: "[timeouts]\nbody_idle_secs = 60\n[http2]\nmax_app_streams = 8\n".into(),
-        worker_extra: "trusted_proxies = [\"127.0.0.1/32\"]".into(),
-        ..Default::default()
-    });
+    let (up, w) = behind_a_trusted_proxy();
     let conns = fill_the_budget(&w, Hold::Trickling, true);
     common::eventually("eight app connections", || {
         up.connections.load(std::sync::atomic::Ordering::SeqCst) == 8
@@ -1931,26 +1925,9 @@ fn a_trusted_proxys_clients_each_hold_their_own_share() {
 /// (half of one home customer's /56) held a core's whole budget.
 #[test]
 fn the_slash_64s_of_one_ipv6_site_hold_one_share() {
-    let up = Upstream::start();
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![up.addr],
-        extra: "[timeouts]\nbody_idle_secs = 60\n[http2]\nmax_app_streams = 8\n".into(),
-        worker_extra: "trusted_proxies = [\"127.0.0.1/32\"]".into(),
-        ..Default::default()
-    });
+    let (up, w) = behind_a_trusted_proxy();
     let app_conns = || up.connections.load(std::sync::atomic::Ordering::SeqCst);
-    let ended = |prefix: &str| {
-        w.log_json()
-            .iter()
-            .filter(|l| l["target"] == "access")
-            .filter(|l| {
-                l["request_id"]
-                    .as_str()
-                    .is_some_and(|id| id.starts_with(prefix))
-            })
-            .map(|l| l["status"].as_u64())
-            .collect::<Vec<_>>()
-    };
+    let ended = |prefix: &str| ended_under(&w, prefix);
     // Eight /64s of 2001:db8:1::/48, named by a trusted proxy, one upload each
     // that sends one byte of its body: the site takes half the budget, then is at
     // its share (an eighth of 8: 1).
@@ -1989,24 +1966,8 @@ fn the_slash_64s_of_one_ipv6_site_hold_one_share() {
 /// of its /64s).
 #[test]
 fn one_slash_64_does_not_shut_out_the_rest_of_its_site() {
-    let up = Upstream::start();
-    let w = Worker::start(WorkerOpts {
-        upstreams: vec![up.addr],
-        extra: "[timeouts]\nbody_idle_secs = 60\n[http2]\nmax_app_streams = 8\n".into(),
-        worker_extra: "trusted_proxies = [\"127.0.0.1/32\"]".into(),
-        ..Default::default()
-    });
-    let ended = || {
-        w.log_json()
-            .iter()
-            .filter(|l| l["target"] == "access")
-            .filter(|l| {
-                l["request_id"]
-                    .as_str()
-                    .is_some_and(|id| id.starts_with("hog-"))
-            })
-            .count()
-    };
+    let (up, w) = behind_a_trusted_proxy();
+    let ended = || ended_under(&w, "hog-").len();
     // Five uploads of one /64: half the budget taken, then the site's share.
     let hog = vec!["2001:db8:1:1::1".to_owned(); 5];
     let _hog = trickle_named(&w, "hog", &hog);
@@ -2019,6 +1980,35 @@ fn one_slash_64_does_not_shut_out_the_rest_of_its_site() {
         "200"
     );
     common::eventually("one of the four ended to make room", || ended() == 2);
+}
+
+/// An app, and a worker in front of it with a budget of 8 streams to apps (an
+/// address's share 1), whose bodies may idle a minute, behind a trusted proxy
+/// at 127.0.0.1 (`trusted_proxies`: the clients it names hold the places).
+fn behind_a_trusted_proxy() -> (Upstream, Worker) {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![up.addr],
+        extra: "[timeouts]\nbody_idle_secs = 60\n[http2]\nmax_app_streams = 8\n".into(),
+        worker_extra: "trusted_proxies = [\"127.0.0.1/32\"]".into(),
+        ..Default::default()
+    });
+    (up, w)
+}
+
+/// The statuses on the access lines of the streams whose IDs start `prefix` (they
+/// ended), in the order written.
+fn ended_under(w: &Worker, prefix: &str) -> Vec<Option<u64>> {
+    w.log_json()
+        .iter()
+        .filter(|l| l["target"] == "access")
+        .filter(|l| {
+            l["request_id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with(prefix))
+        })
+        .map(|l| l["status"].as_u64())
+        .collect()
 }
 
 /// Over one connection from 127.0.0.1 (a trusted proxy), one upload per name in
