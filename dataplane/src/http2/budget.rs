@@ -366,21 +366,26 @@ impl Budget {
             }
             let unkept = count > self.kept;
             // The address's place that may be taken whose stream moved no bytes for
-            // longest; within an address of several holders, one whose holder holds
-            // more than that place first (a /64 holding one place loses it only
-            // when no other of its /48 holds one that may be taken).
-            let mut idlest: Option<(bool, Instant, u64)> = None;
+            // longest: idle places before transfers in progress (taken only from an
+            // address holding more than `kept`), and among either, within an
+            // address of several holders, one whose holder holds more than that
+            // place first (a /64 holding one place loses it only when no other of
+            // its /48 holds one as idle that may be taken). Lonely places first
+            // whatever their state let a /48's idle /64s have its live downloads
+            // cut in their stead (the third verifier's find).
+            let mut idlest: Option<(bool, bool, Instant, u64)> = None;
             for (id, h) in self.held.get(&key)? {
                 let last = h.activity.last.get();
-                if !(unkept || now.saturating_duration_since(last) >= MIN_IDLE) {
+                let moving = now.saturating_duration_since(last) < MIN_IDLE;
+                if moving && !unkept {
                     continue;
                 }
                 let lonely = h.holder != key && self.by_holder.get(&h.holder) == Some(&1);
-                if idlest.is_none_or(|i| (lonely, last, *id) < i) {
-                    idlest = Some((lonely, last, *id));
+                if idlest.is_none_or(|i| (moving, lonely, last, *id) < i) {
+                    idlest = Some((moving, lonely, last, *id));
                 }
             }
-            let Some((_, last, id)) = idlest else {
+            let Some((_, _, last, id)) = idlest else {
                 continue;
             };
             weighed += 1;
@@ -894,5 +899,41 @@ mod tests {
         let ended = ended.expect("a place of the site");
         assert!(three.iter().any(|a| Rc::ptr_eq(a, &ended)));
         assert!(!Rc::ptr_eq(&single, &ended));
+    }
+
+    /// Room made from a site takes its idle places before its transfers in
+    /// progress, a /64's only place included: with the site holding more than
+    /// `kept`, a household's live downloads were cut while an attacker's /64s of
+    /// the same /48, one idle place each, kept theirs (the third verifier's find
+    /// against the first ordering, which spared a /64's only place first).
+    #[test]
+    fn room_made_from_a_site_takes_idle_places_before_moving_ones() {
+        let ip = |net: u16| std::net::IpAddr::from([0x2001, 0xdb8, 1, net, 0, 0, 0, 1]);
+        let keys = |net| (ClientKey::site_of(ip(net)), ClientKey::of(ip(net)));
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        // A share of 8, `kept` 1: the site (4 places) keeps no transfer.
+        let mut b = Budget::new(8, 8);
+        let (site, lone) = keys(1);
+        let single = Activity::new(at(0));
+        b.take(site, lone, &single, at(0)).expect("a place");
+        let (_, live) = keys(2);
+        let mut downloads = Vec::new();
+        for _ in 0..3 {
+            let a = Activity::new(at(0));
+            b.take(site, live, &a, at(0)).expect("a place");
+            a.sent(at(9), 1);
+            downloads.push(a);
+        }
+        for last in 1..=4 {
+            let v4 = ClientKey::of(std::net::IpAddr::from([10, 0, 0, last]));
+            b.take(v4, v4, &Activity::new(at(0)), at(0))
+                .expect("a place");
+        }
+        let newcomer = ClientKey::of(std::net::IpAddr::from([10, 0, 0, 9]));
+        let (_, ended) = b
+            .take(newcomer, newcomer, &Activity::new(at(10)), at(10))
+            .expect("room made");
+        assert!(Rc::ptr_eq(&single, &ended.expect("the idle place")));
     }
 }
