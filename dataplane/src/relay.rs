@@ -767,6 +767,23 @@ pub async fn unless_gone<F: Future>(work: F, client: &TcpConn, gone: Gone) -> Op
         .ok()
 }
 
+/// `work`'s outcome (a connect to the app), unless the client of a request read
+/// whole (`read_whole`) leaves first (`None`): as while the app is silent, reset
+/// or hung up, or its end of stream too with `[upstream] abort_on_client_close`
+/// (`abort`). With a body to come its end of stream is no leaving, and it is
+/// watched from its next read on.
+pub async fn unless_client_left<F: Future>(
+    work: F,
+    client: &TcpConn,
+    read_whole: bool,
+    abort: bool,
+) -> Option<F::Output> {
+    if !read_whole {
+        return Some(work.await);
+    }
+    unless_gone(work, client, Gone::on_close(abort)).await
+}
+
 /// Writes all of `bytes` to `dst` while `src`, which this task alone reads, is
 /// watched: a write blocked on a peer that does not read must not hide that the
 /// other peer is gone. `src` reset or hung up (`EPOLLERR`, `EPOLLHUP`): the write

@@ -94,18 +94,14 @@ pub async fn forward(
     }
     // A client of a request read whole (no body) that leaves while its app's
     // connection is dialed ends the wait, as while the app is silent.
-    let gone = relay::Gone::on_close(rt.abort_on_client_close);
+    let abort = rt.abort_on_client_close;
     let client_left = || Fail::Abort(crate::proxy::exchange::CLIENT_LEFT.into());
     let first = req!();
     let open = upstream::open_stream(core, hop, route, &first, &id, trace, end, None);
-    let opened = if end {
-        relay::unless_gone(open, conn, gone)
+    let (mut response, mut up_send, mut _on_conn, mut addr) =
+        relay::unless_client_left(open, conn, end, abort)
             .await
-            .ok_or_else(client_left)?
-    } else {
-        open.await
-    };
-    let (mut response, mut up_send, mut _on_conn, mut addr) = opened?;
+            .ok_or_else(client_left)??;
     // A request without a body keeps its head in the client buffer until the
     // answer's head came: a stream the app never processed is sent again once
     // ([`upstream::retry_of`]).
@@ -267,13 +263,10 @@ pub async fn forward(
                     let retried = req!();
                     let again =
                         upstream::open_stream(core, hop, route, &retried, &id, trace, end, place);
-                    (response, up_send, _on_conn, addr) = if end {
-                        relay::unless_gone(again, conn, gone)
+                    (response, up_send, _on_conn, addr) =
+                        relay::unless_client_left(again, conn, end, abort)
                             .await
-                            .ok_or_else(client_left)??
-                    } else {
-                        again.await?
-                    };
+                            .ok_or_else(client_left)??;
                 }
                 Some(NextHead::Final(Err(e))) => {
                     return Err(upstream::response_failure(core, route, addr, e))

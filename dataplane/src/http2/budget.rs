@@ -773,12 +773,11 @@ mod tests {
     /// Keyed by /48 alone, every neighbour was refused.
     #[test]
     fn one_slash_64_does_not_shut_out_the_rest_of_its_site() {
-        let ip = |net: u16| std::net::IpAddr::from([0x2001, 0xdb8, 1, net, 0, 0, 0, 1]);
         let now = Instant::now();
         let mut b = Budget::new(8, 1);
         let take = |b: &mut Budget, net: u16, at: Instant| {
             let a = Activity::new(at);
-            let (site, holder) = (ClientKey::site_of(ip(net)), ClientKey::of(ip(net)));
+            let (site, holder) = site_keys(net);
             b.take(site, holder, &a, at).map(|(p, ended)| (p, ended, a))
         };
         let first: Vec<(Place, Rc<Activity>)> = (0..4)
@@ -825,8 +824,6 @@ mod tests {
     /// count). An address holding no more than `kept` keeps them.
     #[test]
     fn within_an_address_holding_many_moving_streams_are_not_kept() {
-        let ip = |net: u16| std::net::IpAddr::from([0x2001, 0xdb8, 1, net, 0, 0, 0, 1]);
-        let keys = |net| (ClientKey::site_of(ip(net)), ClientKey::of(ip(net)));
         let now = Instant::now();
         let moving = now + Duration::from_secs(9);
         let at = now + Duration::from_secs(10);
@@ -837,13 +834,13 @@ mod tests {
         for net in 1..=4 {
             for _ in 0..2 {
                 let a = Activity::new(now);
-                let (site, holder) = keys(net);
+                let (site, holder) = site_keys(net);
                 b.take(site, holder, &a, now).expect("a place");
                 a.sent(moving, 1);
                 held.push(a);
             }
         }
-        let (site, holder) = keys(5);
+        let (site, holder) = site_keys(5);
         let (_, ended) = b
             .take(site, holder, &Activity::new(at), at)
             .expect("room within the site");
@@ -854,12 +851,12 @@ mod tests {
         let mut held = Vec::new();
         for _ in 0..2 {
             let a = Activity::new(now);
-            let (site, holder) = keys(1);
+            let (site, holder) = site_keys(1);
             b.take(site, holder, &a, now).expect("a place");
             a.sent(moving, 1);
             held.push(a);
         }
-        let (site, holder) = keys(2);
+        let (site, holder) = site_keys(2);
         assert_eq!(
             b.take(site, holder, &Activity::new(at), at).err(),
             Some(Refused::Full)
@@ -872,31 +869,10 @@ mod tests {
     /// only when no other /64 of its /48 holds one that may be taken.
     #[test]
     fn room_made_from_a_site_spares_a_slash_64_holding_one_place() {
-        let ip = |net: u16| std::net::IpAddr::from([0x2001, 0xdb8, 1, net, 0, 0, 0, 1]);
-        let keys = |net| (ClientKey::site_of(ip(net)), ClientKey::of(ip(net)));
         let start = Instant::now();
         let at = |secs| start + Duration::from_secs(secs);
-        let mut b = Budget::new(8, 8);
-        let (site, lone) = keys(1);
-        let single = Activity::new(at(0));
-        b.take(site, lone, &single, at(0)).expect("a place");
-        let (_, busy) = keys(2);
-        let mut three = Vec::new();
-        for _ in 0..3 {
-            let a = Activity::new(at(1));
-            b.take(site, busy, &a, at(1)).expect("a place");
-            three.push(a);
-        }
-        for last in 1..=4 {
-            let v4 = ClientKey::of(std::net::IpAddr::from([10, 0, 0, last]));
-            b.take(v4, v4, &Activity::new(at(2)), at(2))
-                .expect("a place");
-        }
-        let newcomer = ClientKey::of(std::net::IpAddr::from([10, 0, 0, 9]));
-        let (_, ended) = b
-            .take(newcomer, newcomer, &Activity::new(at(10)), at(10))
-            .expect("room made");
-        let ended = ended.expect("a place of the site");
+        let (mut b, single, three) = a_site_of_one_and_three(at(0), at(1));
+        let ended = a_newcomer_ends(&mut b, at(10));
         assert!(three.iter().any(|a| Rc::ptr_eq(a, &ended)));
         assert!(!Rc::ptr_eq(&single, &ended));
     }
@@ -908,32 +884,58 @@ mod tests {
     /// against the first ordering, which spared a /64's only place first).
     #[test]
     fn room_made_from_a_site_takes_idle_places_before_moving_ones() {
-        let ip = |net: u16| std::net::IpAddr::from([0x2001, 0xdb8, 1, net, 0, 0, 0, 1]);
-        let keys = |net| (ClientKey::site_of(ip(net)), ClientKey::of(ip(net)));
         let start = Instant::now();
         let at = |secs| start + Duration::from_secs(secs);
         // A share of 8, `kept` 1: the site (4 places) keeps no transfer.
-        let mut b = Budget::new(8, 8);
-        let (site, lone) = keys(1);
-        let single = Activity::new(at(0));
-        b.take(site, lone, &single, at(0)).expect("a place");
-        let (_, live) = keys(2);
-        let mut downloads = Vec::new();
-        for _ in 0..3 {
-            let a = Activity::new(at(0));
-            b.take(site, live, &a, at(0)).expect("a place");
+        let (mut b, single, downloads) = a_site_of_one_and_three(at(0), at(0));
+        for a in &downloads {
             a.sent(at(9), 1);
-            downloads.push(a);
         }
+        let ended = a_newcomer_ends(&mut b, at(10));
+        assert!(Rc::ptr_eq(&single, &ended));
+    }
+
+    /// The /48 and the /64 of `2001:db8:1:<net>::1`.
+    fn site_keys(net: u16) -> (ClientKey, ClientKey) {
+        let ip = std::net::IpAddr::from([0x2001, 0xdb8, 1, net, 0, 0, 0, 1]);
+        (ClientKey::site_of(ip), ClientKey::of(ip))
+    }
+
+    /// A full budget of 8 (a share of 8, `kept` 1): one /48 whose first /64
+    /// holds one place (taken at `single_at`) and whose second holds three (at
+    /// `three_at`), and four IPv4 clients of one place each. The single place's
+    /// activity, and the three's.
+    fn a_site_of_one_and_three(
+        single_at: Instant,
+        three_at: Instant,
+    ) -> (Budget, Rc<Activity>, Vec<Rc<Activity>>) {
+        let mut b = Budget::new(8, 8);
+        let (site, lone) = site_keys(1);
+        let single = Activity::new(single_at);
+        b.take(site, lone, &single, single_at).expect("a place");
+        let (_, busy) = site_keys(2);
+        let three = (0..3)
+            .map(|_| {
+                let a = Activity::new(three_at);
+                b.take(site, busy, &a, three_at).expect("a place");
+                a
+            })
+            .collect();
         for last in 1..=4 {
             let v4 = ClientKey::of(std::net::IpAddr::from([10, 0, 0, last]));
-            b.take(v4, v4, &Activity::new(at(0)), at(0))
+            b.take(v4, v4, &Activity::new(three_at), three_at)
                 .expect("a place");
         }
+        (b, single, three)
+    }
+
+    /// A client at a new IPv4 address takes a place of the full budget `b` at
+    /// `at`: the activity of the stream ended for it.
+    fn a_newcomer_ends(b: &mut Budget, at: Instant) -> Rc<Activity> {
         let newcomer = ClientKey::of(std::net::IpAddr::from([10, 0, 0, 9]));
         let (_, ended) = b
-            .take(newcomer, newcomer, &Activity::new(at(10)), at(10))
+            .take(newcomer, newcomer, &Activity::new(at), at)
             .expect("room made");
-        assert!(Rc::ptr_eq(&single, &ended.expect("the idle place")));
+        ended.expect("a place of the site")
     }
 }

@@ -1206,11 +1206,15 @@ pub(super) async fn unless_reset<F: std::future::Future>(
     let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
     match relay::or_watch(work, || {}, reset).await {
         Ok(outcome) => Ok(outcome),
-        Err(_) => {
-            ctx.note_client_reset();
-            Err(Fail::Abort(format!("client reset the stream {when}")))
-        }
+        Err(_) => Err(client_reset(ctx, when)),
     }
+}
+
+/// The client reset its stream `when`: noted for the rapid-reset rule, and the
+/// stream aborted with that reason.
+pub(super) fn client_reset(ctx: &ConnCtx, when: &str) -> Fail {
+    ctx.note_client_reset();
+    Fail::Abort(format!("client reset the stream {when}"))
 }
 
 /// The fields of an HTTP/1.1 app's response head `resp` (in `rbuf`) as HTTP/2 fields:

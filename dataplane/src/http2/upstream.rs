@@ -206,6 +206,26 @@ pub struct UpConn {
 }
 
 impl UpConn {
+    /// A connection being dialed, made as `tls` says, idle at most `idle`, at
+    /// `key` in the core's set.
+    fn connecting(
+        idle: std::time::Duration,
+        tls: Option<(UpstreamTls, Box<str>)>,
+        key: (SocketAddr, u64),
+    ) -> Self {
+        Self {
+            conn: RefCell::new(None),
+            streams: Cell::new(0),
+            idle,
+            state: RefCell::new(State::Connecting),
+            waiters: RefCell::new(BTreeMap::new()),
+            next_waiter: Cell::new(0),
+            tls,
+            key,
+            retired: Cell::new(false),
+        }
+    }
+
     /// The app broke the protocol on this connection (it sent what ends an
     /// exchange, a [`Refusal`]): new streams go to another one, and it is closed
     /// once the streams on it end, as an HTTP/1.1 app's connection is closed at
@@ -366,17 +386,12 @@ async fn sender(
         g.set(g.get() + 1);
         g.get()
     });
-    let up = Rc::new(UpConn {
-        conn: RefCell::new(None),
-        streams: Cell::new(0),
-        idle: core.rt.pool_idle_timeout,
-        state: RefCell::new(State::Connecting),
-        waiters: RefCell::new(BTreeMap::new()),
-        next_waiter: Cell::new(0),
-        tls: tls.map(|(m, n)| (m, n.into())),
-        key: (addr, generation),
-        retired: Cell::new(false),
-    });
+    let tls = tls.map(|(m, n)| (m, n.into()));
+    let up = Rc::new(UpConn::connecting(
+        core.rt.pool_idle_timeout,
+        tls,
+        (addr, generation),
+    ));
     UPSTREAMS.with(|u| {
         u.borrow_mut()
             .entry(addr)
@@ -993,11 +1008,7 @@ pub async fn forward(
                     return Err(Fail::Answer(ProxyError::UpstreamTimeout));
                 }
                 Some(Head::ClientReset) => {
-                    ctx.note_client_reset();
-                    return Err(Fail::Abort(format!(
-                        "client reset the stream {}",
-                        super::stream::ANSWERING
-                    )));
+                    return Err(super::stream::client_reset(ctx, super::stream::ANSWERING));
                 }
                 Some(Head::Next(NextHead::Refused(r))) => return Err(r.fail(core, route, addr)),
                 // Relayed as it comes; the next head has its own wait, as from an
@@ -1122,17 +1133,8 @@ mod tests {
 
     /// An [`UpConn`] being dialed.
     fn connecting() -> UpConn {
-        UpConn {
-            conn: RefCell::new(None),
-            streams: Cell::new(0),
-            idle: std::time::Duration::from_secs(1),
-            state: RefCell::new(State::Connecting),
-            waiters: RefCell::new(BTreeMap::new()),
-            next_waiter: Cell::new(0),
-            tls: None,
-            key: (SocketAddr::from(([127, 0, 0, 1], 1)), 1),
-            retired: Cell::new(false),
-        }
+        let key = (SocketAddr::from(([127, 0, 0, 1], 1)), 1);
+        UpConn::connecting(std::time::Duration::from_secs(1), None, key)
     }
 
     /// A stream that stops waiting for a connection being dialed (its client reset

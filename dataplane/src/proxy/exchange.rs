@@ -682,21 +682,16 @@ impl Client {
         Ok((conn, used, false))
     }
 
-    /// `connect`'s outcome (a connect to the app), unless the client of a request
-    /// read whole (`!has_body`) leaves first: as while the app is silent, reset or
-    /// hung up, or its end of stream too with `[upstream] abort_on_client_close`.
-    /// With a body to come its end of stream is no leaving, and it is watched from
-    /// its next read on.
+    /// `connect`'s outcome, unless the client of a request read whole
+    /// (`!has_body`) leaves first ([`relay::unless_client_left`]): then the
+    /// exchange is aborted as the client's leaving.
     async fn unless_client_left<T>(
         &self,
         has_body: bool,
         connect: impl std::future::Future<Output = Result<T, Failure>>,
     ) -> Result<T, Failure> {
-        if has_body {
-            return connect.await;
-        }
-        let gone = relay::Gone::on_close(self.core.rt.abort_on_client_close);
-        relay::unless_gone(connect, &self.conn, gone)
+        let abort = self.core.rt.abort_on_client_close;
+        relay::unless_client_left(connect, &self.conn, !has_body, abort)
             .await
             .unwrap_or_else(|| Err(Failure::Abort(CLIENT_LEFT.into())))
     }
