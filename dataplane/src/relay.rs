@@ -767,21 +767,24 @@ pub async fn unless_gone<F: Future>(work: F, client: &TcpConn, gone: Gone) -> Op
         .ok()
 }
 
-/// `work`'s outcome (a connect to the app), unless the client of a request read
-/// whole (`read_whole`) leaves first (`None`): as while the app is silent, reset
-/// or hung up, or its end of stream too with `[upstream] abort_on_client_close`
-/// (`abort`). With a body to come its end of stream is no leaving, and it is
-/// watched from its next read on.
+/// `work`'s outcome (a connect to the app), unless the client leaves first
+/// (`None`): reset or hung up, and for a request read whole (`read_whole`) its end
+/// of stream too with `[upstream] abort_on_client_close` (`abort`), as while the
+/// app is silent. With a body to come its end of stream is no leaving (the body's
+/// reads see it), but a reset still is: nothing it sends can arrive, and no answer
+/// can reach it.
 pub async fn unless_client_left<F: Future>(
     work: F,
     client: &TcpConn,
     read_whole: bool,
     abort: bool,
 ) -> Option<F::Output> {
-    if !read_whole {
-        return Some(work.await);
-    }
-    unless_gone(work, client, Gone::on_close(abort)).await
+    let gone = if read_whole {
+        Gone::on_close(abort)
+    } else {
+        Gone::HungUp
+    };
+    unless_gone(work, client, gone).await
 }
 
 /// Writes all of `bytes` to `dst` while `src`, which this task alone reads, is

@@ -295,11 +295,18 @@ fn a_client_that_leaves_while_its_app_is_connected_to_ends_the_connect() {
             ..Default::default()
         })
     };
-    let request = |w: &Worker, n: u32| {
+    // A GET, or a POST whose body has begun (the app is connected to once a body
+    // is really coming) and is still to come.
+    let send = |w: &Worker, n: u32, method: &str| {
         let id = test_id(100 + n);
         let mut s = TcpStream::connect(w.addr()).expect("connect");
+        let body = if method == "POST" {
+            "Content-Length: 10\r\n\r\nhalf."
+        } else {
+            "\r\n"
+        };
         s.write_all(
-            format!("GET /held HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: {id}\r\n\r\n")
+            format!("{method} /held HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: {id}\r\n{body}")
                 .as_bytes(),
         )
         .expect("request");
@@ -307,6 +314,7 @@ fn a_client_that_leaves_while_its_app_is_connected_to_ends_the_connect() {
         std::thread::sleep(Duration::from_millis(300));
         (s, id)
     };
+    let request = |w: &Worker, n: u32| send(w, n, "GET");
     // An HTTP/1.1 app's connect, and the dial of an HTTP/2 app's connection for
     // a client bridged to it.
     for (n, circuit) in [(1, ""), (3, "protocol = \"http2\"")] {
@@ -316,7 +324,11 @@ fn a_client_that_leaves_while_its_app_is_connected_to_ends_the_connect() {
         assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
         let (s, was_reset) = request(&w, n + 1);
         reset(s);
-        for id in [closed, was_reset] {
+        // With a body to come, a reset is a leaving (its end of stream is not:
+        // below).
+        let (s, reset_in_body) = send(&w, n + 10, "POST");
+        reset(s);
+        for id in [closed, was_reset, reset_in_body] {
             logged_as_left(&w, &id, circuit);
         }
         eventually("the slots freed", || {
@@ -333,6 +345,106 @@ fn a_client_that_leaves_while_its_app_is_connected_to_ends_the_connect() {
     let _ = s.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer:?}");
     assert_eq!(w.wait_access_line(&half_closed)["status"], 502);
+    // A body's end of stream during the connect is no leaving, whatever the rule.
+    let w = with("true", 2, "");
+    let (s, ended_in_body) = send(&w, 6, "POST");
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let mut s = s;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer:?}");
+    assert_eq!(w.wait_access_line(&ended_in_body)["status"], 502);
+}
+
+/// The connect after a dead pooled connection is watched as the first one is: a
+/// bodiless request sent on a reused app connection that the app closes without an
+/// answer is retried on a new connection, and a client that leaves while that
+/// connect hangs ends it at once, logged as the client's leaving (before, the retry
+/// connect went on to its timeout and the exchange was logged as its 502).
+#[test]
+fn a_client_that_leaves_while_its_request_is_retried_ends_the_retry_connect() {
+    for leave in ["FIN", "reset"] {
+        let (app, served) = closes_its_reused_connection_then_stops_accepting();
+        let w = worker(app, "", 60);
+        let id = test_id(if leave == "FIN" { 10 } else { 11 });
+        let mut first = TcpStream::connect(w.addr()).expect("connect");
+        first
+            .write_all(b"GET /once HTTP/1.1\r\nHost: t\r\n\r\n")
+            .expect("first request");
+        read_until(&mut first, b"ok\n");
+        drop(first);
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.write_all(
+            format!("GET /again HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: {id}\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("second request");
+        // The app reads it on the pooled connection and closes that without an
+        // answer; the worker's new connect then hangs on the app's full backlog.
+        served
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the app read the request");
+        std::thread::sleep(Duration::from_millis(300));
+        if leave == "FIN" {
+            let rest = close_and_drain(s);
+            assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+        } else {
+            reset(s);
+        }
+        logged_as_left(&w, &id, leave);
+        eventually("the slots freed", || {
+            metric(&w, "appproxy_connections_active") == 0
+        });
+        assert_eq!(
+            metric(&w, "appproxy_upstream_pool_hits_total"),
+            1,
+            "{leave}: the retry followed a reused connection"
+        );
+    }
+}
+
+/// An app that answers one request on its first connection, keeps it open, then
+/// fills its own backlog (a backlog of 0 and one connection queued, never
+/// accepted: later connects never complete), reads the next request on that
+/// connection and closes it without answering. `served` is told when it read it.
+fn closes_its_reused_connection_then_stops_accepting() -> (SocketAddr, std::sync::mpsc::Receiver<()>)
+{
+    let app = TcpListener::bind("127.0.0.1:0").expect("bind");
+    rustix::net::listen(&app, 0).expect("a backlog of 0");
+    let addr = app.local_addr().expect("addr");
+    let (tell, served) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((c, _)) = app.accept() else { return };
+        let mut c = BufReader::new(c);
+        let head = |c: &mut BufReader<TcpStream>| {
+            let mut line = String::new();
+            while c.read_line(&mut line).is_ok_and(|n| n > 0) {
+                if line == "\r\n" {
+                    return true;
+                }
+                line.clear();
+            }
+            false
+        };
+        if !head(&mut c) {
+            return;
+        }
+        let _ = c
+            .get_mut()
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n");
+        let Ok(_queued) = TcpStream::connect(addr) else {
+            return;
+        };
+        if head(&mut c) {
+            let _ = tell.send(());
+        }
+        drop(c);
+        // The listener and the queued connection live as long as the test.
+        std::thread::sleep(Duration::from_secs(120));
+    });
+    (addr, served)
 }
 
 /// The exchange `id` is logged as a client gone (`what` names the case): its

@@ -92,8 +92,8 @@ pub async fn forward(
             }
         };
     }
-    // A client of a request read whole (no body) that leaves while its app's
-    // connection is dialed ends the wait, as while the app is silent.
+    // A client that leaves while its app's connection is dialed ends the wait,
+    // as while the app is silent (with a body to come, by a reset or a hang-up).
     let abort = rt.abort_on_client_close;
     let client_left = || Fail::Abort(crate::proxy::exchange::CLIENT_LEFT.into());
     let first = req!();

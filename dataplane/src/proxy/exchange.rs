@@ -653,13 +653,13 @@ impl Client {
     /// another upstream of the route): the connection, its address, whether reused.
     /// `side` is told the apps tried.
     ///
-    /// A request without a body was read whole: its client is watched while the
-    /// app is connected to, as while the app is silent ([`read_response_head`]),
-    /// and one gone (reset or hung up; its end of stream too, with `[upstream]
+    /// The client is watched while the app is connected to, as while the app is
+    /// silent ([`read_response_head`]), and one gone (reset or hung up; for a
+    /// request without a body, read whole, its end of stream too with `[upstream]
     /// abort_on_client_close`) ends the connect, dropped, the app's health
     /// untouched: the exchange is logged as the client's leaving, not as the 502
     /// or 504 of a connect that failed seconds after it left. With a body to come,
-    /// its end of stream is no leaving, and it is watched from its next read on.
+    /// its end of stream is no leaving (the body's reads see it).
     async fn open_upstream(
         &mut self,
         route: &Route,
@@ -682,9 +682,9 @@ impl Client {
         Ok((conn, used, false))
     }
 
-    /// `connect`'s outcome, unless the client of a request read whole
-    /// (`!has_body`) leaves first ([`relay::unless_client_left`]): then the
-    /// exchange is aborted as the client's leaving.
+    /// `connect`'s outcome, unless the client leaves first
+    /// ([`relay::unless_client_left`]; with a body to come, `has_body`, by a reset
+    /// or a hang-up only): then the exchange is aborted as the client's leaving.
     async fn unless_client_left<T>(
         &self,
         has_body: bool,
