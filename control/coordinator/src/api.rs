@@ -339,8 +339,11 @@ pub(super) async fn register_worker(
     }
     let registration = validate_worker(&body)?;
     caller.may_act_for(&state.config.secrets, &registration.authority)?;
-    // The registration is stored as sent: keys this version does not know are kept.
-    let id = state.store.upsert_worker(&body).await?;
+    // The registration is stored as read: keys this version does not know are
+    // kept (bounded), each traffic kind once.
+    let stored = serde_json::to_value(&registration)
+        .map_err(|e| StoreError::Data(format!("registration: {e}")))?;
+    let id = state.store.upsert_worker(&stored).await?;
     tracing::info!(worker = %id, authority = registration.authority, "worker registered");
     warn_of_shared_ports(&state, id, &registration).await;
     withdraw_unserved(&state, id, &registration).await?;
@@ -427,10 +430,28 @@ async fn withdraw_each_unserved(
 /// The registration fields the coordinator relies on, checked before anything is written.
 fn validate_worker(body: &Value) -> Result<WorkerRegistration, ApiError> {
     let bad = |m: &str| Err(ApiError::BadRequest(m.to_owned()));
-    let r = match WorkerRegistration::deserialize(body) {
+    let mut r = match WorkerRegistration::deserialize(body) {
         Ok(r) => r,
         Err(e) => return bad(&format!("invalid worker registration: {e}")),
     };
+    // Kept as sent and read back by every placement (SQLite keeps the
+    // registration whole): 2 MiB of them cost each creation milliseconds on the
+    // store's one connection, every other call queued behind it.
+    let unknown = serde_json::to_string(&r.extra).map_or(usize::MAX, |s| s.len());
+    if unknown > MAX_UNKNOWN_KEYS_BYTES {
+        return bad(&format!(
+            "the registration's keys this coordinator does not know ({}) hold {unknown} bytes as JSON; at most {MAX_UNKNOWN_KEYS_BYTES} are kept",
+            r.extra.len()
+        ));
+    }
+    // Each kind once: repeated, every placement read them all.
+    let mut kinds = Vec::with_capacity(2);
+    for kind in r.accepted_traffics.drain(..) {
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    r.accepted_traffics = kinds;
     // Characters, as the message and the store's column count them (not bytes).
     if r.authority.is_empty() || r.authority.chars().count() > 255 {
         return bad("authority is required (1-255 characters)");
@@ -1224,6 +1245,10 @@ pub(super) const MAX_BULK_REMOVALS: usize = 4096;
 /// every ALIVE worker (a filter names a domain, a group or an access key: a worker
 /// has a few).
 pub(super) const MAX_APP_FILTERS: usize = 64;
+
+/// The most bytes (as JSON) a worker's registration may carry in keys this
+/// coordinator does not know: a newer worker's few fields, kept as sent.
+const MAX_UNKNOWN_KEYS_BYTES: usize = 4096;
 
 /// `DELETE /api/circuit/_/bulk`: `{"circuit_ids": [...]}`, or `?circuit_ids=a,b`.
 /// Every ID is checked before anything is removed (at most [`MAX_BULK_REMOVALS`]

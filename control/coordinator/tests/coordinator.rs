@@ -137,6 +137,7 @@ macro_rules! on_both_engines {
 
 on_both_engines! {
     a_workers_app_filters_are_bounded_and_replaced => a_workers_app_filters_are_bounded_and_replaced_sqlite, a_workers_app_filters_are_bounded_and_replaced_postgresql;
+    a_registrations_unknown_keys_are_bounded_and_each_traffic_kept_once => a_registrations_unknown_keys_are_bounded_and_each_traffic_kept_once_sqlite, a_registrations_unknown_keys_are_bounded_and_each_traffic_kept_once_postgresql;
     origin_request_ids_are_stored_never_generated => origin_request_ids_are_stored_never_generated_sqlite, origin_request_ids_are_stored_never_generated_postgresql;
     bad_requests_get_json_errors_and_write_nothing => bad_requests_get_json_errors_and_write_nothing_sqlite, bad_requests_get_json_errors_and_write_nothing_postgresql;
     endpoints_lifecycle => endpoints_lifecycle_sqlite, endpoints_lifecycle_postgresql;
@@ -640,6 +641,63 @@ fn a_workers_app_filters_are_bounded_and_replaced(db: Db) {
     let r = request(c.addr, "PUT", "/api/worker", &[AUTH], &body(2));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(filters_of(), 2);
+}
+
+/// What a registration carries besides the fields this coordinator knows is kept
+/// (a newer worker's keys; SQLite reads them back) up to 4 KiB, and each traffic
+/// kind once: every placement reads every live worker's registration, and 2 MiB of
+/// unknown keys per worker cost each creation tens of milliseconds on SQLite's one
+/// connection (an outside tester's find).
+fn a_registrations_unknown_keys_are_bounded_and_each_traffic_kept_once(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &db);
+    let body = |unknown: &str, traffics: &str| {
+        format!(
+            r#"{{"authority":"worker-u","frontend_mode":"port","protocol":"http","hostname":"proxy1.test","api_port":10201,"port_range":[10205,10210],"accepted_traffics":[{traffics}]{unknown}}}"#
+        )
+    };
+    let large = format!(r#","future_field":"{}""#, "x".repeat(5000));
+    let r = request(
+        c.addr,
+        "PUT",
+        "/api/worker",
+        &[AUTH],
+        &body(&large, r#""interactive""#),
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("at most 4096 are kept"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let r = request(c.addr, "GET", "/api/worker", &[AUTH], "");
+    assert_eq!(r.json()["workers"], serde_json::json!([]), "nothing stored");
+    let repeated = vec![r#""interactive""#; 1000].join(",");
+    let r = request(
+        c.addr,
+        "PUT",
+        "/api/worker",
+        &[AUTH],
+        &body(r#","future_field":{"a":[1,2]}"#, &repeated),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let r = request(c.addr, "GET", &format!("/api/worker/{id}"), &[AUTH], "");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let worker = r.json();
+    assert_eq!(
+        worker["accepted_traffics"],
+        serde_json::json!(["interactive"]),
+        "{worker}"
+    );
+    if matches!(db, Db::Sqlite) {
+        // PostgreSQL keeps the original's columns only.
+        assert_eq!(
+            worker["future_field"],
+            serde_json::json!({"a": [1, 2]}),
+            "{worker}"
+        );
+    }
 }
 
 fn bad_requests_get_json_errors_and_write_nothing(db: Db) {
