@@ -9,7 +9,7 @@
 //! `leader:appproxy:coordinator` holds the leader's node ID for 30 s and is renewed
 //! each pass. Without Redis the coordinator is alone and leads.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -154,6 +154,95 @@ fn ticker(period_secs: u64) -> tokio::time::Interval {
     tick
 }
 
+/// How long this process may go without running before it counts as stalled
+/// ([`Running`]).
+const STALL: Duration = Duration::from_secs(5);
+
+/// This process's own running, read on two clocks: a stop (`SIGSTOP`, a debugger,
+/// a starved runtime) shows on the monotonic clock, a host suspended or a VM paused
+/// on the wall clock (the monotonic one may stand still meanwhile). While this
+/// process did not run, heartbeats could not reach it; they were not missed.
+struct Running {
+    /// The last look: milliseconds since [`RUNNING_EPOCH`] (0: none yet) and
+    /// since the Unix epoch.
+    mono_ms: AtomicU64,
+    wall_ms: AtomicU64,
+    /// When the last stall ended, in milliseconds since [`RUNNING_EPOCH`], +1 (0:
+    /// never).
+    resumed_ms: AtomicU64,
+}
+
+static RUNNING: Running = Running {
+    mono_ms: AtomicU64::new(0),
+    wall_ms: AtomicU64::new(0),
+    resumed_ms: AtomicU64::new(0),
+};
+
+/// The start [`Running`] counts monotonic milliseconds from.
+static RUNNING_EPOCH: std::sync::LazyLock<std::time::Instant> =
+    std::sync::LazyLock::new(std::time::Instant::now);
+
+impl Running {
+    fn mono_now() -> u64 {
+        // +1: a look in the very first millisecond is a look.
+        RUNNING_EPOCH.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Looks at the clocks: the length of the stall that ended now, when either
+    /// moved more than [`STALL`] since the last look. Looked at each second
+    /// ([`stall_watch`]) and before each worker-lost pass (which may run first
+    /// once the process resumes).
+    fn look(&self) -> Option<Duration> {
+        let mono = Self::mono_now();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let last_mono = self.mono_ms.swap(mono, Ordering::Relaxed);
+        let last_wall = self.wall_ms.swap(wall, Ordering::Relaxed);
+        if last_mono == 0 {
+            return None;
+        }
+        let gap = mono
+            .saturating_sub(last_mono)
+            .max(wall.saturating_sub(last_wall));
+        if gap <= STALL.as_millis() as u64 {
+            return None;
+        }
+        self.resumed_ms.store(mono, Ordering::Relaxed);
+        Some(Duration::from_millis(gap))
+    }
+
+    /// How long ago the last stall ended; `None`: never.
+    fn resumed_ago(&self) -> Option<Duration> {
+        match self.resumed_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(Duration::from_millis(Self::mono_now().saturating_sub(at))),
+        }
+    }
+}
+
+/// Logs a stall [`Running::look`] found.
+fn note_stall(stalled: Option<Duration>, timeout_secs: u64) {
+    if let Some(gap) = stalled {
+        tracing::warn!(
+            stalled_secs = gap.as_secs(),
+            heartbeat_timeout_secs = timeout_secs,
+            "this coordinator did not run for a while (stopped, its host suspended, or its runtime starved); its worker-lost check waits a heartbeat timeout for heartbeats to reach it again"
+        );
+    }
+}
+
+/// Looks at this process's own running each second ([`Running`]).
+pub(super) async fn stall_watch(state: Arc<State>) {
+    let timeout = state.config.coordinator.worker_heartbeat_timeout_secs;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        note_stall(RUNNING.look(), timeout);
+    }
+}
+
 /// Marks workers whose heartbeat is older than the timeout as `LOST`.
 pub(super) async fn worker_lost(state: Arc<State>) {
     let mut tick = ticker(state.config.coordinator.check_worker_lost_interval_secs);
@@ -174,6 +263,20 @@ async fn worker_lost_pass(state: &State) {
     // all of them ran. The check waits until heartbeats (and this check) have been
     // stored for a whole timeout, so every worker has had its turn again.
     let timeout = state.config.coordinator.worker_heartbeat_timeout_secs;
+    // Likewise while this process did not run (the only coordinator stopped for
+    // longer than the timeout marked every live worker lost as it resumed: an
+    // outside tester's find).
+    note_stall(RUNNING.look(), timeout);
+    if let Some(ago) = RUNNING.resumed_ago() {
+        if ago < Duration::from_secs(timeout) {
+            tracing::info!(
+                resumed_secs_ago = ago.as_secs(),
+                heartbeat_timeout_secs = timeout,
+                "this coordinator resumed within the heartbeat timeout; worker-lost check waits"
+            );
+            return;
+        }
+    }
     if let Some(ago) = crate::store::heartbeats_unstored_ago() {
         if ago < Duration::from_secs(timeout) {
             tracing::info!(

@@ -1495,6 +1495,7 @@ impl Coordinator {
                 state.breakers.clone(),
             ));
         }
+        tasks.spawn(jobs::stall_watch(state.clone()));
         tasks.spawn(jobs::worker_lost(state.clone()));
         tasks.spawn(jobs::idle_circuits(state.clone()));
         tasks.spawn(jobs::overdue_creations(state.clone()));

@@ -7065,6 +7065,74 @@ fn a_route_update_answered_503_is_never_stored_after_its_answer() {
 /// nothing past their call's deadline, so a paused server resuming cannot run one
 /// late). A worker that stops heartbeating is still found lost, whatever other
 /// calls fail meanwhile.
+/// A coordinator that did not run for longer than the heartbeat timeout (stopped,
+/// its host suspended) waits a timeout before its worker-lost check: the workers'
+/// heartbeats could not reach it, they were not missed. Before, the only
+/// coordinator marked every live worker lost as it resumed (an outside tester's
+/// find: the manager told, circuits withdrawn on reuse). A worker that falls silent
+/// afterwards is still found lost.
+#[test]
+fn a_coordinator_that_did_not_run_does_not_take_its_workers_for_lost() {
+    let db = Db::Sqlite;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &db,
+        "worker_heartbeat_timeout_secs = 4\ncheck_worker_lost_interval_secs = 1",
+    );
+    let body = r#"{"authority":"paused-1","frontend_mode":"port","protocol":"http","hostname":"h","api_port":10201,"port_range":[10205,10208]}"#;
+    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let heartbeat = || request(c.addr, "PATCH", &format!("/api/worker/{id}"), &[AUTH], "").status;
+    let lost = || {
+        db.query(
+            dir.path(),
+            "SELECT count(*) FROM workers WHERE status = 'LOST'",
+        )
+    };
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &c.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {sig}");
+    };
+    assert_eq!(heartbeat(), 200);
+    // Stopped for 7 s; the worker, which cannot reach it meanwhile, sends nothing.
+    signal("-STOP");
+    std::thread::sleep(Duration::from_secs(7));
+    signal("-CONT");
+    // Its next heartbeat comes 1.5 s after the coordinator resumed, then every
+    // 1.5 s; each wait is watched.
+    for _ in 0..4 {
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < deadline {
+            assert_eq!(lost(), "0", "a worker that heartbeated was marked lost");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(heartbeat(), 200);
+    }
+    let lines = log_lines(dir.path());
+    assert!(
+        !lines.iter().any(|l| l["message"] == "worker lost"),
+        "a worker lost was announced"
+    );
+    assert!(
+        lines.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("this coordinator did not run for a while"))
+            && l["stalled_secs"].as_u64().is_some_and(|s| s >= 6)),
+        "the stall is logged"
+    );
+    // The check still works: a worker that falls silent is lost.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lost() == "0" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(lost(), "1", "a silent worker was not found lost");
+}
+
 #[test]
 fn workers_heartbeating_through_a_store_outage_are_not_lost() {
     let pg = appproxy_test_support::pg::Pg::start();
