@@ -152,6 +152,36 @@ pub struct StorageSection {
     pub max_walk_names_bytes_per_walk: Option<u64>,
 }
 
+/// The longest any `[storage]` time may be: a year. Past it a time is a mistake,
+/// and one near `u64::MAX` overflowed where it was added to the clock: upload
+/// sessions answered with a panic's text after their reservation was kept, tokens
+/// were issued already expired, every tus `PATCH` panicked (an outside tester's
+/// find).
+pub const MAX_SECS: u64 = 365 * 86_400;
+
+impl StorageSection {
+    /// Refuses a time past [`MAX_SECS`], naming the key.
+    pub fn check_times(&self) -> Result<(), String> {
+        for (key, secs) in [
+            ("session_expire_secs", self.session_expire_secs),
+            ("upload_expire_secs", self.upload_expire_secs),
+            ("cleanup_interval_secs", self.cleanup_interval_secs),
+            ("stall_timeout_secs", self.stall_timeout_secs),
+            ("header_read_timeout_secs", self.header_read_timeout_secs),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+            ("body_read_timeout_secs", self.body_read_timeout_secs),
+            ("quota_usage_max_age_secs", self.quota_usage_max_age_secs),
+        ] {
+            if secs > MAX_SECS {
+                return Err(format!(
+                    "[storage] {key} = {secs}: at most {MAX_SECS} (a year)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for StorageSection {
     fn default() -> Self {
         Self {
@@ -252,6 +282,35 @@ mod tests {
     }
 
     use super::*;
+
+    /// Every `[storage]` time is at most a year, named when it is not; a year is
+    /// taken.
+    #[test]
+    fn storage_times_are_at_most_a_year() {
+        for key in [
+            "session_expire_secs",
+            "upload_expire_secs",
+            "cleanup_interval_secs",
+            "stall_timeout_secs",
+            "header_read_timeout_secs",
+            "idle_timeout_secs",
+            "body_read_timeout_secs",
+            "quota_usage_max_age_secs",
+        ] {
+            for (secs, ok) in [(MAX_SECS, true), (MAX_SECS + 1, false), (u64::MAX, false)] {
+                let config: StorageConfig =
+                    appproxy_shared::config::from_toml(&format!("[storage]\n{key} = {secs}\n"))
+                        .expect("reads");
+                match config.storage.check_times() {
+                    Ok(()) => assert!(ok, "{key} = {secs} taken"),
+                    Err(e) => {
+                        assert!(!ok, "{key} = {secs}: {e}");
+                        assert!(e.contains(key) && e.contains("a year"), "{e}");
+                    }
+                }
+            }
+        }
+    }
 
     /// The common mistakes, each refused with the file, the key path, what was
     /// expected and, for a misspelling, the fix.

@@ -80,7 +80,7 @@ pub struct State {
     /// learns from HEAD that its upload is in place (see [`client::Completed`]).
     pub completed: client::Completed,
     /// Where bgtask events go (`[redis] url`), if anywhere.
-    pub events: Option<redis::aio::ConnectionManager>,
+    pub events: Option<Events>,
     /// How old a quota scope's measurement of committed bytes may be for a check to
     /// use it (`[storage] quota_usage_max_age_secs`; see `quota`).
     pub usage_max_age: Duration,
@@ -772,11 +772,68 @@ impl Drop for AbandonOnDrop {
 /// The channel bgtask events are broadcast on.
 pub const EVENT_CHANNEL: &str = "events_all";
 
+/// The event bus (`[redis] url`), whose connection is opened in the background:
+/// a Redis out of reach or frozen at start keeps neither the APIs from serving nor
+/// a stop from stopping. Before, the proxy waited for it before its listeners,
+/// writing nothing and deaf to `SIGTERM` — for ever with a frozen Redis, 473 s with
+/// none — and every vfolder operation was down for events that are optional (an
+/// outside tester's find). Events emitted before it is open are not sent, and
+/// logged so; once open, the connection reconnects by itself.
+#[derive(Clone, Default)]
+pub struct Events(Arc<std::sync::OnceLock<redis::aio::ConnectionManager>>);
+
+/// The bound of one attempt to open the event bus's connection.
+const EVENTS_CONNECT: Duration = appproxy_shared::redis_call::REDIS_CALL_TIMEOUT;
+
+/// The longest wait between two attempts to open it.
+const EVENTS_RETRY_MAX: Duration = Duration::from_secs(30);
+
+impl Events {
+    /// Opens the connection to `client` in the background (the runtime's), each
+    /// attempt bounded, trying again after 1 s, then twice as long each time up to
+    /// [`EVENTS_RETRY_MAX`]; `shown` names the URL in the log.
+    pub fn open(client: redis::Client, shown: String) -> Self {
+        let events = Self::default();
+        let slot = events.0.clone();
+        tokio::spawn(async move {
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(EVENTS_CONNECT)
+                .set_response_timeout(EVENTS_CONNECT)
+                .set_number_of_retries(0);
+            let mut wait = Duration::from_secs(1);
+            loop {
+                let opening =
+                    redis::aio::ConnectionManager::new_with_config(client.clone(), config.clone());
+                let error = match tokio::time::timeout(EVENTS_CONNECT * 2, opening).await {
+                    Ok(Ok(conn)) => {
+                        let _ = slot.set(conn);
+                        tracing::info!(url = %shown, "event bus connected");
+                        return;
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no answer within {:?}", EVENTS_CONNECT * 2),
+                };
+                tracing::warn!(url = %shown, error, retry_in_secs = wait.as_secs(), "cannot connect to the event bus ([redis] url); bgtask events are not sent until it answers");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(EVENTS_RETRY_MAX);
+            }
+        });
+        events
+    }
+}
+
 /// Broadcasts an event in the platform's envelope, with the current request ID in
 /// its metadata. Without `[redis]` there is no event bus and nothing is sent.
 pub async fn emit(state: &State, name: &str, payload: serde_json::Value) {
     use appproxy_shared::model::{BroadcastMessage, EventMetadata};
-    let Some(conn) = &state.events else { return };
+    let Some(events) = &state.events else { return };
+    let Some(conn) = events.0.get() else {
+        tracing::warn!(
+            event = name,
+            "event not published: the event bus ([redis] url) is not connected yet"
+        );
+        return;
+    };
     let meta = EventMetadata {
         request_id: appproxy_shared::current_request_id().map(Into::into),
         ..Default::default()
@@ -815,7 +872,7 @@ pub fn state(config: &StorageConfig) -> std::io::Result<Arc<State>> {
 /// Builds the state from the config and an event-bus connection.
 pub fn state_with_events(
     config: &StorageConfig,
-    events: Option<redis::aio::ConnectionManager>,
+    events: Option<Events>,
 ) -> std::io::Result<Arc<State>> {
     let volumes: Vec<(String, PathBuf)> = config
         .volumes
@@ -866,15 +923,8 @@ pub async fn serve(
                     appproxy_control_common::config::shown_url(url)
                 )
             })?;
-            let conn = redis::aio::ConnectionManager::new(client)
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot connect to [redis] url {:?}: {e}",
-                        appproxy_control_common::config::shown_url(url)
-                    )
-                })?;
-            Some(conn)
+            let shown = appproxy_control_common::config::shown_url(url);
+            Some(Events::open(client, shown))
         }
         None => None,
     };

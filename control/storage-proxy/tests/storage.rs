@@ -595,6 +595,65 @@ fn bgtask_events_carry_the_initiating_request_id() {
     assert_eq!(names, vec!["bgtask_updated", "bgtask_done"]);
 }
 
+/// A Redis frozen when the proxy starts keeps neither its APIs from serving nor a
+/// stop from stopping: the event bus is connected in the background, and events go
+/// out once it answers. Before, the proxy waited for it before its listeners,
+/// silent and deaf to `SIGTERM` (for ever; 473 s with no Redis at all), and every
+/// vfolder operation was down for events that are optional (an outside tester's
+/// find).
+#[test]
+fn a_redis_frozen_at_start_keeps_the_proxy_from_nothing() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let url = redis.url();
+    redis.pause();
+    let p = Proxy::start_with("", &format!("[redis]\nurl = \"{url}\"\n"));
+    create_folder(&p);
+    let event_bus = "event bus connected";
+    assert!(
+        !p.log().contains(event_bus),
+        "connected to a frozen Redis: {}",
+        p.log()
+    );
+    // Stopped while Redis is still frozen: it stops at once, not when Redis answers.
+    let q = Proxy::start_with("", &format!("[redis]\nurl = \"{url}\"\n"));
+    let pid = q.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let mut q = q;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while q.child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "no exit on SIGTERM: {}", q.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Once Redis answers, the bus is connected and events go out.
+    redis.resume();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !p.log().contains(event_bus) {
+        assert!(Instant::now() < deadline, "not connected: {}", p.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let client = redis::Client::open(url.as_str()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    let mut sub = conn.as_pubsub();
+    sub.subscribe("events_all").expect("subscribe");
+    sub.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    std::fs::write(p.vfolder_path().join("f.txt"), "x").expect("file");
+    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000beef";
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
+        Some("evt-after-resume"),
+    );
+    assert_eq!(r.status, 200);
+    let msg = sub.get_message().expect("an event");
+    let text: String = msg.get_payload().expect("text");
+    assert!(text.contains("evt-after-resume"), "{text}");
+}
+
 #[test]
 fn expired_session_tokens_are_refused() {
     let p = Proxy::start("");

@@ -39,6 +39,10 @@ fn run() -> anyhow::Result<()> {
                     path.display()
                 );
             }
+            config
+                .storage
+                .check_times()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             // `[telemetry]` too, so --check-config catches a bad endpoint or CA file.
             appproxy_shared::otlp::Settings::from_config(&config.telemetry, "storage-proxy")?;
             Ok(config)
