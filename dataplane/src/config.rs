@@ -86,7 +86,8 @@ pub struct WorkerSection {
     pub bind_host: IpAddr,
     /// `port` or `wildcard`.
     pub frontend_mode: FrontendMode,
-    /// Ports circuits may use, inclusive.
+    /// Ports circuits may use, inclusive (a managed port-mode worker's: `1 <= low
+    /// <= high`, holding neither `api_port` nor the admin endpoint's port).
     pub port_range: Option<[u16; 2]>,
     /// Wildcard domain (wildcard mode), such as `.apps.example.com`.
     pub wildcard_domain: Option<String>,
@@ -1418,6 +1419,40 @@ impl Config {
                 "[coordinator] url (a remote coordinator) and embedded (one in this process) are both set: keep one".into(),
             ));
         }
+        // A coordinator places circuits on every port of the range: one the
+        // worker's API listener holds is refused by the worker each time
+        // (`resolve_circuit_with`), and one its admin endpoint holds on the same
+        // address cannot be listened on; either is offered again, and once it is the
+        // last free one every creation fails (an outside tester's find). Alone, the
+        // worker deploys only the circuits its file lists, each on its own port.
+        if let (true, FrontendMode::Port, Some([lo, hi])) = (
+            self.managed(),
+            self.worker.frontend_mode,
+            self.worker.port_range,
+        ) {
+            if lo == 0 || lo > hi {
+                return Err(ConfigError::Invalid(format!(
+                    "[worker] port_range = [{lo}, {hi}] is no range of ports: [low, high] with 1 <= low <= high"
+                )));
+            }
+            // The admin endpoint shares a port with the circuits only on an address
+            // they share (the same one, or either unspecified).
+            let bind = self.worker.bind_host;
+            let admin = self
+                .admin
+                .bind
+                .filter(|a| a.ip() == bind || a.ip().is_unspecified() || bind.is_unspecified());
+            for (name, port) in [
+                ("[worker] api_port", self.worker.api_port),
+                ("[admin] bind", admin.map(|a| a.port())),
+            ] {
+                if let Some(port) = port.filter(|p| (lo..=hi).contains(p)) {
+                    return Err(ConfigError::Invalid(format!(
+                        "{name} port {port} is inside [worker] port_range [{lo}, {hi}]: the coordinator would place circuits on it, which cannot listen there; keep it outside the range"
+                    )));
+                }
+            }
+        }
         let wildcard = match self.worker.frontend_mode {
             FrontendMode::Port => None,
             FrontendMode::Wildcard => {
@@ -1768,6 +1803,15 @@ mod tests {
         assert!(shown.contains("tolerance_ns: 800000000"), "{shown}");
     }
 
+    /// An admin endpoint on another address than the circuits' may use a port of
+    /// a managed worker's range: nothing else can listen on it there.
+    #[test]
+    fn an_admin_endpoint_on_another_address_may_use_a_port_of_the_range() {
+        let text = "[coordinator]\nurl = \"http://127.0.0.1:1\"\n[worker]\ncores = 1\nbind_host = \"10.0.0.5\"\nport_range = [10205, 10300]\n[admin]\nbind = \"127.0.0.1:10250\"\n";
+        let config = Config::parse(text).expect("parses");
+        config.validate(&[0]).expect("taken");
+    }
+
     /// The common mistakes, each refused with the file, the key path and the fix.
     #[test]
     fn config_mistakes_name_the_file_the_key_and_the_fix() {
@@ -1776,6 +1820,10 @@ mod tests {
             format!(
                 "[worker]\ncores = 1\nport_range = [10205, 10300]\n\n[[circuits]]\nid = \"00000000-0000-4000-8000-000000000001\"\napp = \"demo\"\nport = 10205\nroute_info = [{{ session_id = \"00000000-0000-4000-8000-0000000000aa\", kernel_host = \"127.0.0.1\", kernel_port = 8080 }}]\n{extra}"
             )
+        };
+        // Managed by a coordinator (which places circuits on its port range).
+        let managed = |worker: &str| {
+            format!("[coordinator]\nurl = \"http://127.0.0.1:1\"\n[worker]\ncores = 1\n{worker}")
         };
         let cases: Vec<(&str, String, Vec<&str>)> = vec![
             (
@@ -1813,6 +1861,29 @@ mod tests {
                     "circuits[0]",
                     "port 9000 is outside [worker] port_range [10205, 10300]",
                 ],
+            ),
+            (
+                "the API port inside a managed worker's port range",
+                managed("api_port = 10250\nport_range = [10205, 10300]\n"),
+                vec![
+                    "[worker] api_port port 10250 is inside [worker] port_range [10205, 10300]",
+                    "keep it outside the range",
+                ],
+            ),
+            (
+                "the admin endpoint's port inside a managed worker's port range",
+                managed("port_range = [10205, 10300]\n[admin]\nbind = \"127.0.0.1:10300\"\n"),
+                vec!["[admin] bind port 10300 is inside [worker] port_range [10205, 10300]"],
+            ),
+            (
+                "the admin endpoint's port inside a managed worker's port range, on all addresses",
+                managed("bind_host = \"10.0.0.5\"\nport_range = [10205, 10300]\n[admin]\nbind = \"0.0.0.0:10250\"\n"),
+                vec!["[admin] bind port 10250 is inside [worker] port_range [10205, 10300]"],
+            ),
+            (
+                "a managed worker's port range upside down",
+                managed("port_range = [10300, 10205]\n"),
+                vec!["[worker] port_range = [10300, 10205] is no range of ports"],
             ),
             (
                 "scheduler slice below the kernel's range",

@@ -163,9 +163,14 @@ fn spawn_worker(
     let redis = redis
         .map(|u| format!("[redis]\nurl = \"{u}\"\n"))
         .unwrap_or_default();
+    // The API's port outside the range (the worker refuses one inside it): the
+    // range and the port come from two pickers that may overlap.
+    let ports = base..base + n;
+    let api_port = std::iter::repeat_with(free_port)
+        .find(|p| !ports.contains(p))
+        .unwrap_or(base + n);
     let text = format!(
-        "[worker]\nauthority = \"bench-worker\"\ncores = {cores}\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {}\nport_range = [{base}, {}]\n[coordinator]\n{link}\npoll_interval_ms = 60000\n{redis}[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n[logging]\naccess_log = false\n",
-        free_port(),
+        "[worker]\nauthority = \"bench-worker\"\ncores = {cores}\nbind_host = \"127.0.0.1\"\nhostname = \"127.0.0.1\"\napi_port = {api_port}\nport_range = [{base}, {}]\n[coordinator]\n{link}\npoll_interval_ms = 60000\n{redis}[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n[logging]\naccess_log = false\n",
         base + n - 1
     );
     let config =
