@@ -757,8 +757,7 @@ pub async fn fill_watching(
 }
 
 /// `work`'s outcome, unless `client` is gone first as `gone` says (`None`, `work`
-/// dropped): a wait on an app (its connect, its answer) for a client whose
-/// request was read whole. While it waits the client's deadline is cleared: the
+/// dropped): a wait on an app (its connect, its answer) for its client. While it waits the client's deadline is cleared: the
 /// wait is bounded by its own, and the client's next read or write arms its own.
 pub async fn unless_gone<F: Future>(work: F, client: &TcpConn, gone: Gone) -> Option<F::Output> {
     let work = std::pin::pin!(work);
@@ -771,8 +770,8 @@ pub async fn unless_gone<F: Future>(work: F, client: &TcpConn, gone: Gone) -> Op
 /// (`None`): reset or hung up, and for a request read whole (`read_whole`) its end
 /// of stream too with `[upstream] abort_on_client_close` (`abort`), as while the
 /// app is silent. With a body to come its end of stream is no leaving (the body's
-/// reads see it), but a reset still is: nothing it sends can arrive, and no answer
-/// can reach it.
+/// reads see it), but a reset or a hang-up still is: the body cannot be read whole,
+/// and no answer can reach it.
 pub async fn unless_client_left<F: Future>(
     work: F,
     client: &TcpConn,

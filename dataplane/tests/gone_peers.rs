@@ -367,7 +367,13 @@ fn a_client_that_leaves_while_its_app_is_connected_to_ends_the_connect() {
 fn a_client_that_leaves_while_its_request_is_retried_ends_the_retry_connect() {
     for leave in ["FIN", "reset"] {
         let (app, served) = closes_its_reused_connection_then_stops_accepting();
-        let w = worker(app, "", 60);
+        // The connect is never timed out within the test: only the client's leaving
+        // can end it.
+        let w = Worker::start(WorkerOpts {
+            upstreams: vec![app],
+            extra: "[timeouts]\nupstream_connect_secs = 60\n".into(),
+            ..Default::default()
+        });
         let id = test_id(if leave == "FIN" { 10 } else { 11 });
         let mut first = TcpStream::connect(w.addr()).expect("connect");
         first

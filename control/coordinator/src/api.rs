@@ -434,15 +434,28 @@ fn validate_worker(body: &Value) -> Result<WorkerRegistration, ApiError> {
         Ok(r) => r,
         Err(e) => return bad(&format!("invalid worker registration: {e}")),
     };
-    // Kept as sent and read back by every placement (SQLite keeps the
-    // registration whole): 2 MiB of them cost each creation milliseconds on the
-    // store's one connection, every other call queued behind it.
+    // Kept (on SQLite, which keeps the registration whole) and read back by every
+    // placement: 2 MiB of them per worker cost each creation tens of milliseconds
+    // on the store's one connection, every other call queued behind it. Past the
+    // bound they are not kept, and the registration stands: a newer worker is not
+    // refused for fields this coordinator does not use (PostgreSQL keeps none).
     let unknown = serde_json::to_string(&r.extra).map_or(usize::MAX, |s| s.len());
     if unknown > MAX_UNKNOWN_KEYS_BYTES {
-        return bad(&format!(
-            "the registration's keys this coordinator does not know ({}) hold {unknown} bytes as JSON; at most {MAX_UNKNOWN_KEYS_BYTES} are kept",
-            r.extra.len()
-        ));
+        // Some of them, cut to 64 characters each (never within one).
+        let keys: Vec<String> = r
+            .extra
+            .keys()
+            .take(8)
+            .map(|k| k.chars().take(64).collect())
+            .collect();
+        tracing::warn!(
+            authority = %r.authority.chars().take(255).collect::<String>(),
+            bytes = unknown,
+            count = r.extra.len(),
+            ?keys,
+            "a worker registration's keys this coordinator does not know hold more than {MAX_UNKNOWN_KEYS_BYTES} bytes as JSON; they are not kept"
+        );
+        r.extra.clear();
     }
     // Each kind once: repeated, every placement read them all.
     let mut kinds = Vec::with_capacity(2);

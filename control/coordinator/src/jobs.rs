@@ -9,7 +9,7 @@
 //! `leader:appproxy:coordinator` holds the leader's node ID for 30 s and is renewed
 //! each pass. Without Redis the coordinator is alone and leads.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -158,66 +158,48 @@ fn ticker(period_secs: u64) -> tokio::time::Interval {
 /// ([`Running`]).
 const STALL: Duration = Duration::from_secs(5);
 
-/// This process's own running, read on two clocks: a stop (`SIGSTOP`, a debugger,
-/// a starved runtime) shows on the monotonic clock, a host suspended or a VM paused
-/// on the wall clock (the monotonic one may stand still meanwhile). While this
-/// process did not run, heartbeats could not reach it; they were not missed.
-struct Running {
-    /// The last look: milliseconds since [`RUNNING_EPOCH`] (0: none yet) and
-    /// since the Unix epoch.
-    mono_ms: AtomicU64,
-    wall_ms: AtomicU64,
-    /// When the last stall ended, in milliseconds since [`RUNNING_EPOCH`], +1 (0:
-    /// never).
-    resumed_ms: AtomicU64,
+/// This coordinator's own running, read on two clocks: a stop (`SIGSTOP`, a
+/// debugger, a starved runtime) shows on the monotonic clock, a host suspended or a
+/// VM paused on the wall clock (the monotonic one may stand still meanwhile). While
+/// it did not run, heartbeats could not reach it; they were not missed.
+#[derive(Default)]
+pub(crate) struct Running(std::sync::Mutex<Looks>);
+
+/// What [`Running`] saw: one lock for all of it, since the stall watch and the
+/// worker-lost check may look at the same moment (on two threads, both due as the
+/// process resumes), and the one that looks second must see the first's look and
+/// the stall it found.
+#[derive(Default)]
+struct Looks {
+    /// The last look, on the monotonic and on the wall clock.
+    last: Option<(std::time::Instant, std::time::SystemTime)>,
+    /// When the last stall ended (monotonic).
+    resumed: Option<std::time::Instant>,
 }
 
-static RUNNING: Running = Running {
-    mono_ms: AtomicU64::new(0),
-    wall_ms: AtomicU64::new(0),
-    resumed_ms: AtomicU64::new(0),
-};
-
-/// The start [`Running`] counts monotonic milliseconds from.
-static RUNNING_EPOCH: std::sync::LazyLock<std::time::Instant> =
-    std::sync::LazyLock::new(std::time::Instant::now);
-
 impl Running {
-    fn mono_now() -> u64 {
-        // +1: a look in the very first millisecond is a look.
-        RUNNING_EPOCH.elapsed().as_millis() as u64 + 1
-    }
-
     /// Looks at the clocks: the length of the stall that ended now, when either
     /// moved more than [`STALL`] since the last look. Looked at each second
-    /// ([`stall_watch`]) and before each worker-lost pass (which may run first
-    /// once the process resumes).
+    /// ([`stall_watch`]) and before each worker-lost pass.
     fn look(&self) -> Option<Duration> {
-        let mono = Self::mono_now();
-        let wall = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let last_mono = self.mono_ms.swap(mono, Ordering::Relaxed);
-        let last_wall = self.wall_ms.swap(wall, Ordering::Relaxed);
-        if last_mono == 0 {
+        let now = (std::time::Instant::now(), std::time::SystemTime::now());
+        let mut looks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (mono, wall) = looks.last.replace(now)?;
+        let gap = now
+            .0
+            .saturating_duration_since(mono)
+            .max(now.1.duration_since(wall).unwrap_or_default());
+        if gap <= STALL {
             return None;
         }
-        let gap = mono
-            .saturating_sub(last_mono)
-            .max(wall.saturating_sub(last_wall));
-        if gap <= STALL.as_millis() as u64 {
-            return None;
-        }
-        self.resumed_ms.store(mono, Ordering::Relaxed);
-        Some(Duration::from_millis(gap))
+        looks.resumed = Some(now.0);
+        Some(gap)
     }
 
     /// How long ago the last stall ended; `None`: never.
     fn resumed_ago(&self) -> Option<Duration> {
-        match self.resumed_ms.load(Ordering::Relaxed) {
-            0 => None,
-            at => Some(Duration::from_millis(Self::mono_now().saturating_sub(at))),
-        }
+        let looks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        looks.resumed.map(|at| at.elapsed())
     }
 }
 
@@ -239,7 +221,7 @@ pub(super) async fn stall_watch(state: Arc<State>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        note_stall(RUNNING.look(), timeout);
+        note_stall(state.running.look(), timeout);
     }
 }
 
@@ -266,8 +248,8 @@ async fn worker_lost_pass(state: &State) {
     // Likewise while this process did not run (the only coordinator stopped for
     // longer than the timeout marked every live worker lost as it resumed: an
     // outside tester's find).
-    note_stall(RUNNING.look(), timeout);
-    if let Some(ago) = RUNNING.resumed_ago() {
+    note_stall(state.running.look(), timeout);
+    if let Some(ago) = state.running.resumed_ago() {
         if ago < Duration::from_secs(timeout) {
             tracing::info!(
                 resumed_secs_ago = ago.as_secs(),

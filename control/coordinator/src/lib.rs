@@ -160,6 +160,9 @@ impl Default for Observed {
 pub struct State {
     /// The store.
     pub store: Store,
+    /// This coordinator's own running, for the worker-lost check
+    /// ([`jobs::Running`]).
+    running: jobs::Running,
     /// The `[coordinator]` and `[secrets]` settings.
     pub config: CoordinatorConfig,
     /// Redis for events, leadership and last-access reads (`[redis] url`), if any.
@@ -1407,6 +1410,7 @@ impl Coordinator {
         let (local, _) = tokio::sync::broadcast::channel(1024);
         let state = Arc::new(State {
             store,
+            running: jobs::Running::default(),
             config: config.clone(),
             redis,
             streams,

@@ -789,17 +789,21 @@ const EVENTS_CONNECT: Duration = appproxy_shared::redis_call::REDIS_CALL_TIMEOUT
 const EVENTS_RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Events {
-    /// Opens the connection to `client` in the background (the runtime's), each
-    /// attempt bounded, trying again after 1 s, then twice as long each time up to
-    /// [`EVENTS_RETRY_MAX`]; `shown` names the URL in the log.
+    /// Opens the connection to `client` in the background, each attempt bounded,
+    /// trying again after 1 s, then twice as long each time up to
+    /// [`EVENTS_RETRY_MAX`]; `shown` names the URL in the log. Called within a
+    /// Tokio runtime (its task is spawned there).
     pub fn open(client: redis::Client, shown: String) -> Self {
         let events = Self::default();
         let slot = events.0.clone();
         tokio::spawn(async move {
+            // Its reconnections (once open) keep their retries, each wait at most
+            // a second: an event sent as Redis restarts waits for it rather than
+            // failing at the first refused attempt.
             let config = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(EVENTS_CONNECT)
                 .set_response_timeout(EVENTS_CONNECT)
-                .set_number_of_retries(0);
+                .set_max_delay(1000);
             let mut wait = Duration::from_secs(1);
             loop {
                 let opening =
@@ -915,6 +919,7 @@ pub async fn serve(
     config: &StorageConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    config.storage.check_times().map_err(anyhow::Error::msg)?;
     let events = match &config.redis.url {
         Some(url) => {
             let client = redis::Client::open(url.as_str()).map_err(|e| {

@@ -602,7 +602,7 @@ fn bgtask_events_carry_the_initiating_request_id() {
 /// vfolder operation was down for events that are optional (an outside tester's
 /// find).
 #[test]
-fn a_redis_frozen_at_start_keeps_the_proxy_from_nothing() {
+fn a_redis_frozen_at_start_holds_up_neither_serving_nor_stopping() {
     let redis = appproxy_test_support::redis::Redis::start();
     let url = redis.url();
     redis.pause();

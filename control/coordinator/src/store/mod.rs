@@ -783,7 +783,7 @@ impl Store {
         // The config refuses longer ones; a longer interval PostgreSQL refuses, and
         // a time before the epoch SQLite's cutoff cannot be.
         let timeout_secs = timeout_secs.min(crate::config::MAX_DURATION_SECS);
-        dispatch!(self, |s| s.mark_lost(timeout_secs), |p| p
+        dispatch!(self, |s| s.mark_lost(timeout_secs, deadline), |p| p
             .mark_lost(timeout_secs, deadline))
     }
 

@@ -575,21 +575,34 @@ impl SqliteStore {
     pub(super) fn mark_lost(
         &self,
         timeout_secs: u64,
+        deadline: std::time::SystemTime,
     ) -> Result<Vec<(uuid::Uuid, String)>, StoreError> {
-        // Checked: a timeout reaching back before the epoch (u64::MAX panicked here
-        // every pass) finds no heartbeat older.
-        let cutoff = appproxy_shared::telemetry::Rfc3339(
-            std::time::SystemTime::now()
-                .checked_sub(std::time::Duration::from_secs(timeout_secs))
-                .unwrap_or(std::time::UNIX_EPOCH),
-        )
-        .to_string();
-        // Nodes that left are forgotten a day later.
-        let left_cutoff = appproxy_shared::telemetry::Rfc3339(
-            std::time::SystemTime::now() - std::time::Duration::from_secs(86_400),
-        )
-        .to_string();
         self.with(|c| {
+            // Judged on the wall clock once the connection is this call's, and only
+            // within the call's deadline on that clock: a host suspended while the
+            // call waited for the connection (the call's own deadline is on the
+            // monotonic clock, which may stand still meanwhile) would have its
+            // workers' heartbeats look old, though they had no one to reach, as
+            // PostgreSQL's statements do nothing past it.
+            let now = std::time::SystemTime::now();
+            if now > deadline {
+                return Err(StoreError::Unavailable(
+                    "the worker-lost check ran past its deadline".into(),
+                ));
+            }
+            // Checked: a timeout reaching back before the epoch (u64::MAX panicked
+            // here every pass) finds no heartbeat older.
+            let cutoff = appproxy_shared::telemetry::Rfc3339(
+                now.checked_sub(std::time::Duration::from_secs(timeout_secs))
+                    .unwrap_or(std::time::UNIX_EPOCH),
+            )
+            .to_string();
+            // Nodes that left are forgotten a day later.
+            let left_cutoff = appproxy_shared::telemetry::Rfc3339(
+                now.checked_sub(std::time::Duration::from_secs(86_400))
+                    .unwrap_or(std::time::UNIX_EPOCH),
+            )
+            .to_string();
             let tx = c.unchecked_transaction()?;
             // Nodes that stopped heartbeating (crashed) no longer count.
             let stale: Vec<String> = {
