@@ -337,23 +337,13 @@ fn a_client_that_leaves_while_its_app_is_connected_to_ends_the_connect() {
     }
     let w = with("false", 2, "");
     let (s, half_closed) = request(&w, 5);
-    s.shutdown(std::net::Shutdown::Write).expect("half-close");
-    let mut s = s;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
+    let answer = half_close_and_read(s);
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer:?}");
     assert_eq!(w.wait_access_line(&half_closed)["status"], 502);
     // A body's end of stream during the connect is no leaving, whatever the rule.
     let w = with("true", 2, "");
     let (s, ended_in_body) = send(&w, 6, "POST");
-    s.shutdown(std::net::Shutdown::Write).expect("half-close");
-    let mut s = s;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
+    let answer = half_close_and_read(s);
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer:?}");
     assert_eq!(w.wait_access_line(&ended_in_body)["status"], 502);
 }
@@ -451,6 +441,17 @@ fn closes_its_reused_connection_then_stops_accepting() -> (SocketAddr, std::sync
         std::thread::sleep(Duration::from_secs(120));
     });
     (addr, served)
+}
+
+/// Half-closes `s` (a client that sent all it will) and reads what the worker
+/// answers until it closes (30 s at most).
+fn half_close_and_read(mut s: TcpStream) -> String {
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
 }
 
 /// The exchange `id` is logged as a client gone (`what` names the case): its

@@ -7049,6 +7049,35 @@ fn a_route_update_answered_503_is_never_stored_after_its_answer() {
     assert_eq!(stored(), "1");
 }
 
+/// A coordinator whose worker-lost check runs each second with a heartbeat timeout
+/// of `timeout_secs`, and the ID of the worker `authority` registered on it.
+fn checking_for_lost_workers(
+    dir: &std::path::Path,
+    db: &Db,
+    timeout_secs: u64,
+    authority: &str,
+) -> (Coordinator, String) {
+    let c = start_with(
+        dir,
+        db,
+        &format!(
+            "worker_heartbeat_timeout_secs = {timeout_secs}\ncheck_worker_lost_interval_secs = 1"
+        ),
+    );
+    let body = format!(
+        r#"{{"authority":"{authority}","frontend_mode":"port","protocol":"http","hostname":"h","api_port":10201,"port_range":[10205,10208]}}"#
+    );
+    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], &body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    (c, id)
+}
+
+/// How many workers the store holds as `LOST`.
+fn lost_workers(dir: &std::path::Path, db: &Db) -> String {
+    db.query(dir, "SELECT count(*) FROM workers WHERE status = 'LOST'")
+}
+
 /// A coordinator that did not run for longer than the heartbeat timeout (stopped,
 /// its host suspended) waits a timeout before its worker-lost check: the workers'
 /// heartbeats could not reach it, they were not missed. Before, the only
@@ -7059,22 +7088,9 @@ fn a_route_update_answered_503_is_never_stored_after_its_answer() {
 fn a_coordinator_that_did_not_run_does_not_take_its_workers_for_lost() {
     let db = Db::Sqlite;
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = start_with(
-        dir.path(),
-        &db,
-        "worker_heartbeat_timeout_secs = 4\ncheck_worker_lost_interval_secs = 1",
-    );
-    let body = r#"{"authority":"paused-1","frontend_mode":"port","protocol":"http","hostname":"h","api_port":10201,"port_range":[10205,10208]}"#;
-    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], body);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let (c, id) = checking_for_lost_workers(dir.path(), &db, 4, "paused-1");
     let heartbeat = || request(c.addr, "PATCH", &format!("/api/worker/{id}"), &[AUTH], "").status;
-    let lost = || {
-        db.query(
-            dir.path(),
-            "SELECT count(*) FROM workers WHERE status = 'LOST'",
-        )
-    };
+    let lost = || lost_workers(dir.path(), &db);
     let signal = |sig: &str| {
         let status = std::process::Command::new("kill")
             .args([sig, &c.child.id().to_string()])
@@ -7131,22 +7147,9 @@ fn workers_heartbeating_through_a_store_outage_are_not_lost() {
     let pg = appproxy_test_support::pg::Pg::start();
     let db = Db::Postgres(pg);
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = start_with(
-        dir.path(),
-        &db,
-        "worker_heartbeat_timeout_secs = 8\ncheck_worker_lost_interval_secs = 1",
-    );
-    let body = r#"{"authority":"through-1","frontend_mode":"port","protocol":"http","hostname":"h","api_port":10201,"port_range":[10205,10208]}"#;
-    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], body);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let (c, id) = checking_for_lost_workers(dir.path(), &db, 8, "through-1");
     let heartbeat = || request(c.addr, "PATCH", &format!("/api/worker/{id}"), &[AUTH], "").status;
-    let lost = || {
-        db.query(
-            dir.path(),
-            "SELECT count(*) FROM workers WHERE status = 'LOST'",
-        )
-    };
+    let lost = || lost_workers(dir.path(), &db);
     // The worker heartbeats every 2 s (the timeout is 8 s); each wait is watched.
     let watch_then_beat = |what: &str| {
         let deadline = Instant::now() + Duration::from_secs(2);

@@ -554,20 +554,12 @@ fn bgtask_events_carry_the_initiating_request_id() {
     let p = Proxy::start_with("", &format!("[redis]\nurl = \"{url}\"\n"));
     create_folder(&p);
     redis.restart();
-    std::fs::write(p.vfolder_path().join("f.txt"), "x").expect("file");
-    let client = redis::Client::open(url.as_str()).expect("client");
-    let mut conn = client.get_connection().expect("connection");
+    let mut conn = events_of(&url);
     let mut sub = conn.as_pubsub();
     sub.subscribe("events_all").expect("subscribe");
     sub.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
-    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000cafe";
-    let r = p.manager(
-        "/folder/clone",
-        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
-        Some("evt-req-1"),
-    );
-    assert_eq!(r.status, 200);
+    let r = clone_with_a_file(&p, "cafe", "evt-req-1");
     let task = r.json()["bgtask_id"].as_str().expect("id").to_owned();
     let mut names = Vec::new();
     loop {
@@ -635,23 +627,35 @@ fn a_redis_frozen_at_start_holds_up_neither_serving_nor_stopping() {
         assert!(Instant::now() < deadline, "not connected: {}", p.log());
         std::thread::sleep(Duration::from_millis(50));
     }
-    let client = redis::Client::open(url.as_str()).expect("client");
-    let mut conn = client.get_connection().expect("connection");
+    let mut conn = events_of(&url);
     let mut sub = conn.as_pubsub();
     sub.subscribe("events_all").expect("subscribe");
     sub.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
-    std::fs::write(p.vfolder_path().join("f.txt"), "x").expect("file");
-    let dst = "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/0000000000000000000000000000beef";
-    let r = p.manager(
-        "/folder/clone",
-        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
-        Some("evt-after-resume"),
-    );
-    assert_eq!(r.status, 200);
+    clone_with_a_file(&p, "beef", "evt-after-resume");
     let msg = sub.get_message().expect("an event");
     let text: String = msg.get_payload().expect("text");
     assert!(text.contains("evt-after-resume"), "{text}");
+}
+
+/// A connection to the Redis at `url`, to subscribe to the proxy's events on.
+fn events_of(url: &str) -> redis::Connection {
+    let client = redis::Client::open(url).expect("client");
+    client.get_connection().expect("connection")
+}
+
+/// Puts a file in the test's vfolder and clones it (a bgtask, with events) into a
+/// new one whose ID ends in `last` (hex), under `request_id`: the clone's answer.
+fn clone_with_a_file(p: &Proxy, last: &str, request_id: &str) -> appproxy_test_support::http::Resp {
+    std::fs::write(p.vfolder_path().join("f.txt"), "x").expect("file");
+    let dst = format!("user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b/{last:0>32}");
+    let r = p.manager(
+        "/folder/clone",
+        serde_json::json!({"src_volume": "local", "src_vfid": VFID, "dst_vfid": dst}),
+        Some(request_id),
+    );
+    assert_eq!(r.status, 200);
+    r
 }
 
 #[test]
