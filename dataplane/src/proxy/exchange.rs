@@ -213,6 +213,12 @@ enum Counted {
 /// Why an exchange ended while the app had not answered yet.
 pub(crate) const CLIENT_LEFT: &str = "the client left before the app answered";
 
+/// A connect's outcome watched with [`relay::unless_client_left`]: the client's
+/// leaving (`None`) aborts the exchange as such.
+fn unless_left<T>(watched: Option<Result<T, Failure>>) -> Result<T, Failure> {
+    watched.unwrap_or_else(|| Err(Failure::Abort(CLIENT_LEFT.into())))
+}
+
 /// How an attempt on an upstream connection failed.
 enum Attempted {
     /// The retry rule says: again, on a fresh connection (the message for the log).
@@ -642,7 +648,9 @@ impl Client {
                     tracing::debug!(error = %err, "{what}");
                     attempt = attempt.again();
                     let again = async { Ok::<_, Failure>(connect(&core, route, addr).await?) };
-                    upstream = self.unless_client_left(has_body, again).await?;
+                    let abort = core.rt.abort_on_client_close;
+                    let watched = relay::unless_client_left(again, &self.conn, !has_body, abort);
+                    upstream = unless_left(watched.await)?;
                 }
                 Err(Attempted::Failed(f)) => return Err(f),
             }
@@ -678,22 +686,10 @@ impl Client {
         }
         core.metrics.add(counter::POOL_MISS, 1);
         let connect = connect_route(core, route, addr, side);
-        let (conn, used) = self.unless_client_left(has_body, connect).await?;
+        let abort = core.rt.abort_on_client_close;
+        let watched = relay::unless_client_left(connect, &self.conn, !has_body, abort);
+        let (conn, used) = unless_left(watched.await)?;
         Ok((conn, used, false))
-    }
-
-    /// `connect`'s outcome, unless the client leaves first
-    /// ([`relay::unless_client_left`]; with a body to come, `has_body`, by a reset
-    /// or a hang-up only): then the exchange is aborted as the client's leaving.
-    async fn unless_client_left<T>(
-        &self,
-        has_body: bool,
-        connect: impl std::future::Future<Output = Result<T, Failure>>,
-    ) -> Result<T, Failure> {
-        let abort = self.core.rt.abort_on_client_close;
-        relay::unless_client_left(connect, &self.conn, !has_body, abort)
-            .await
-            .unwrap_or_else(|| Err(Failure::Abort(CLIENT_LEFT.into())))
     }
 
     /// The final answer an app sent before it took the whole request body (it
