@@ -1346,6 +1346,28 @@ impl Config {
         }
     }
 
+    /// Whether another listener of this process at `at` (the admin endpoint, an
+    /// embedded coordinator) holds a port a coordinator may place circuits on: in
+    /// a managed port-mode worker's range, on an address the circuits' listeners
+    /// share. Circuits listen on `bind_host` (`::` for IPv6 only); the others are
+    /// plain listeners (`::` for both families); an IPv4-mapped address is its
+    /// IPv4 one.
+    pub fn takes_from_the_range(&self, at: SocketAddr) -> bool {
+        let in_range = self
+            .worker
+            .port_range
+            .is_some_and(|[lo, hi]| (lo..=hi).contains(&at.port()));
+        let circuits = self.worker.bind_host.to_canonical();
+        let other = at.ip().to_canonical();
+        let shared = match (circuits, other) {
+            (_, IpAddr::V6(o)) if o.is_unspecified() => true,
+            (IpAddr::V4(c), IpAddr::V4(o)) => c == o || c.is_unspecified() || o.is_unspecified(),
+            (IpAddr::V6(c), IpAddr::V6(o)) => c == o || c.is_unspecified(),
+            _ => false,
+        };
+        self.managed() && self.worker.frontend_mode == FrontendMode::Port && in_range && shared
+    }
+
     /// Whether circuits come from a coordinator (remote or embedded).
     pub fn managed(&self) -> bool {
         self.coordinator
@@ -1435,13 +1457,7 @@ impl Config {
                     "[worker] port_range = [{lo}, {hi}] is no range of ports: [low, high] with 1 <= low <= high"
                 )));
             }
-            // The admin endpoint shares a port with the circuits only on an address
-            // they share (the same one, or either unspecified).
-            let bind = self.worker.bind_host;
-            let admin = self
-                .admin
-                .bind
-                .filter(|a| a.ip() == bind || a.ip().is_unspecified() || bind.is_unspecified());
+            let admin = self.admin.bind.filter(|a| self.takes_from_the_range(*a));
             for (name, port) in [
                 ("[worker] api_port", self.worker.api_port),
                 ("[admin] bind", admin.map(|a| a.port())),
@@ -1803,10 +1819,33 @@ mod tests {
         assert!(shown.contains("tolerance_ns: 800000000"), "{shown}");
     }
 
-    /// An admin endpoint on another address than the circuits' may use a port of
-    /// a managed worker's range: nothing else can listen on it there.
+    /// Another listener of the worker takes a port of a managed worker's range
+    /// only on an address the circuits share: the same, an unspecified one of its
+    /// family (`::` of a plain listener: both families; the circuits' `::`: IPv6
+    /// only), an IPv4-mapped one as IPv4. An admin endpoint on another address may
+    /// use such a port (the worker starts).
     #[test]
-    fn an_admin_endpoint_on_another_address_may_use_a_port_of_the_range() {
+    fn another_listener_takes_from_the_range_only_on_a_shared_address() {
+        let config = |bind: &str| {
+            Config::parse(&format!("[coordinator]\nurl = \"http://127.0.0.1:1\"\n[worker]\ncores = 1\nbind_host = \"{bind}\"\nport_range = [10205, 10300]\n")).expect("parses")
+        };
+        for (bind, at, takes) in [
+            ("10.0.0.5", "127.0.0.1:10250", false),
+            ("10.0.0.5", "10.0.0.5:10250", true),
+            ("10.0.0.5", "0.0.0.0:10250", true),
+            ("10.0.0.5", "[::]:10250", true),
+            ("10.0.0.5", "[::ffff:10.0.0.5]:10250", true),
+            ("10.0.0.5", "10.0.0.5:10301", false),
+            ("0.0.0.0", "127.0.0.1:10250", true),
+            ("0.0.0.0", "[::1]:10250", false),
+            ("::", "127.0.0.1:10250", false),
+            ("::", "[::1]:10250", true),
+            ("::1", "[::2]:10250", false),
+        ] {
+            let c = config(bind);
+            let at: SocketAddr = at.parse().expect("addr");
+            assert_eq!(c.takes_from_the_range(at), takes, "{bind} and {at}");
+        }
         let text = "[coordinator]\nurl = \"http://127.0.0.1:1\"\n[worker]\ncores = 1\nbind_host = \"10.0.0.5\"\nport_range = [10205, 10300]\n[admin]\nbind = \"127.0.0.1:10250\"\n";
         let config = Config::parse(text).expect("parses");
         config.validate(&[0]).expect("taken");

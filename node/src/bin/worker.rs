@@ -181,6 +181,16 @@ fn load(path: &Path) -> anyhow::Result<Loaded> {
                     file.display()
                 );
             }
+            // Its listener is this process's too: on a port of the range it holds
+            // a port the coordinator itself may place a circuit on.
+            if config.takes_from_the_range(cc.coordinator.bind) {
+                anyhow::bail!(
+                    "{} and {}: the embedded coordinator's [coordinator] bind port {} is inside [worker] port_range: it would place circuits on it, which cannot listen there; keep it outside the range",
+                    path.display(),
+                    file.display(),
+                    cc.coordinator.bind.port()
+                );
+            }
             if config.secrets.jwt_secret.as_deref() != Some(cc.secrets.jwt_secret.as_str()) {
                 anyhow::bail!(
                     "{} and {}: [secrets] jwt_secret must be the same in both (the worker checks the coordinator's /setup tokens)",
@@ -463,6 +473,38 @@ fn listened_ports(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The embedded coordinator's listener is the worker's too: on a port of the
+    /// worker's range (on a shared address) the coordinator would place circuits
+    /// on a port none can listen on, so the pair is refused; elsewhere it loads.
+    #[test]
+    fn an_embedded_coordinator_may_not_listen_on_a_port_of_the_range() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let worker = dir.path().join("worker.toml");
+        std::fs::write(
+            &worker,
+            "[worker]\ncores = 1\nbind_host = \"127.0.0.1\"\napi_port = 10201\nport_range = [10205, 10300]\n[coordinator]\nembedded = \"c.toml\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\npermit_secret = \"permit\"\n",
+        )
+        .expect("worker config");
+        for (bind, refused) in [("127.0.0.1:10250", true), ("127.0.0.1:10200", false)] {
+            std::fs::write(
+                dir.path().join("c.toml"),
+                format!("[coordinator]\nbind = \"{bind}\"\n[secrets]\napi_secret = \"api\"\njwt_secret = \"jwt\"\n[database]\nsqlite_path = \"c.sqlite3\"\n"),
+            )
+            .expect("coordinator config");
+            match load(&worker) {
+                Ok(_) => assert!(!refused, "{bind} taken"),
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    assert!(refused, "{bind}: {e}");
+                    assert!(
+                        e.contains("embedded coordinator's [coordinator] bind port 10250 is inside [worker] port_range"),
+                        "{e}"
+                    );
+                }
+            }
+        }
+    }
 
     /// The published sample secrets are named when the worker listens where others
     /// reach it, and not on the loopback (the single-node sample's).
