@@ -161,7 +161,8 @@ const STALL: Duration = Duration::from_secs(5);
 /// This coordinator's own running, read on two clocks: a stop (`SIGSTOP`, a
 /// debugger, a starved runtime) shows on the monotonic clock, a host suspended or a
 /// VM paused on the wall clock (the monotonic one may stand still meanwhile). While
-/// it did not run, heartbeats could not reach it; they were not missed.
+/// it did not run, heartbeats could not reach it; they were not missed, and the
+/// worker-lost check gives workers that much longer ([`Running::excused`]).
 #[derive(Default)]
 pub(crate) struct Running(std::sync::Mutex<Looks>);
 
@@ -173,9 +174,14 @@ pub(crate) struct Running(std::sync::Mutex<Looks>);
 struct Looks {
     /// The last look, on the monotonic and on the wall clock.
     last: Option<(std::time::Instant, std::time::SystemTime)>,
-    /// When the last stall ended (monotonic).
-    resumed: Option<std::time::Instant>,
+    /// The stalls found lately: when each ended (monotonic) and how long it was,
+    /// the latest last; at most [`STALLS_KEPT`].
+    stalls: std::collections::VecDeque<(std::time::Instant, Duration)>,
 }
+
+/// The most stalls [`Running`] keeps (a process stalling every few seconds for
+/// hours keeps no more).
+const STALLS_KEPT: usize = 64;
 
 impl Running {
     /// Looks at the clocks: the length of the stall that ended now, when either
@@ -192,15 +198,44 @@ impl Running {
         if gap <= STALL {
             return None;
         }
-        looks.resumed = Some(now.0);
+        if looks.stalls.len() == STALLS_KEPT {
+            looks.stalls.pop_front();
+        }
+        looks.stalls.push_back((now.0, gap));
         Some(gap)
     }
 
-    /// How long ago the last stall ended; `None`: never.
-    fn resumed_ago(&self) -> Option<Duration> {
+    /// How much longer than `timeout` a worker's last heartbeat may be old now
+    /// and the worker not be lost ([`excused`]).
+    fn excused(&self, timeout: Duration) -> Duration {
         let looks = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        looks.resumed.map(|at| at.elapsed())
+        excused(&looks.stalls, std::time::Instant::now(), timeout)
     }
+}
+
+/// Of `stalls` (when each ended, how long it was; the latest last), the time this
+/// process did not run within the reach of a heartbeat timeout from `now`, at most:
+/// each stall that ended within `timeout` plus the stalls counted after it (a
+/// stall that ended a timeout ago or more excuses nothing: a live worker has been
+/// heard since). A worker whose last heartbeat is that much older than `timeout`
+/// was not heard for `timeout` of this process's running. Only what was
+/// stalled is excused: stalls of a few seconds again and again (a host that keeps
+/// freezing) stretch the timeout by those seconds, where waiting a whole timeout
+/// after each kept a dead worker alive for as long as they went on (an outside
+/// verifier's find).
+fn excused(
+    stalls: &std::collections::VecDeque<(std::time::Instant, Duration)>,
+    now: std::time::Instant,
+    timeout: Duration,
+) -> Duration {
+    let mut excused = Duration::ZERO;
+    for &(ended, gap) in stalls.iter().rev() {
+        if now.saturating_duration_since(ended) >= timeout + excused {
+            break;
+        }
+        excused += gap;
+    }
+    excused
 }
 
 /// Logs a stall [`Running::look`] found.
@@ -209,7 +244,7 @@ fn note_stall(stalled: Option<Duration>, timeout_secs: u64) {
         tracing::warn!(
             stalled_secs = gap.as_secs(),
             heartbeat_timeout_secs = timeout_secs,
-            "this coordinator did not run for a while (stopped, its host suspended, or its runtime starved); its worker-lost check waits a heartbeat timeout for heartbeats to reach it again"
+            "this coordinator did not run for a while (stopped, its host suspended, or its runtime starved); its worker-lost check gives workers as much longer"
         );
     }
 }
@@ -245,20 +280,20 @@ async fn worker_lost_pass(state: &State) {
     // all of them ran. The check waits until heartbeats (and this check) have been
     // stored for a whole timeout, so every worker has had its turn again.
     let timeout = state.config.coordinator.worker_heartbeat_timeout_secs;
-    // Likewise while this process did not run (the only coordinator stopped for
-    // longer than the timeout marked every live worker lost as it resumed: an
-    // outside tester's find).
+    // Likewise the time this process did not run: the only coordinator stopped for
+    // longer than the timeout marked every live worker lost as it resumed (an
+    // outside tester's find). Heartbeats are judged as if that time had not
+    // passed.
     note_stall(state.running.look(), timeout);
-    if let Some(ago) = state.running.resumed_ago() {
-        if ago < Duration::from_secs(timeout) {
-            tracing::info!(
-                resumed_secs_ago = ago.as_secs(),
-                heartbeat_timeout_secs = timeout,
-                "this coordinator resumed within the heartbeat timeout; worker-lost check waits"
-            );
-            return;
-        }
+    let excused = state.running.excused(Duration::from_secs(timeout));
+    if !excused.is_zero() {
+        tracing::info!(
+            excused_secs = excused.as_secs(),
+            heartbeat_timeout_secs = timeout,
+            "this coordinator did not run for part of the heartbeat timeout; the worker-lost check gives workers that much longer"
+        );
     }
+    let judged = timeout.saturating_add(excused.as_secs() + u64::from(excused.subsec_nanos() > 0));
     if let Some(ago) = crate::store::heartbeats_unstored_ago() {
         if ago < Duration::from_secs(timeout) {
             tracing::info!(
@@ -269,7 +304,7 @@ async fn worker_lost_pass(state: &State) {
             return;
         }
     }
-    match state.store.mark_lost(timeout).await {
+    match state.store.mark_lost(judged).await {
         Ok(lost) => {
             for (id, authority) in &lost {
                 state.metrics.workers_lost.fetch_add(1, Ordering::Relaxed);
@@ -629,3 +664,72 @@ const RENEW_CHUNK: usize = 1_000;
 /// reach; the next pass tries again). Two: a pass against a store out of reach
 /// takes at most two calls' deadlines (10 s), half the marks' default bound.
 const RENEW_FAILURES_PER_PASS: usize = 2;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::time::Instant;
+
+    /// The stalls of `(seconds ago they ended, seconds long)`, the latest last.
+    fn stalls(now: Instant, list: &[(u64, u64)]) -> VecDeque<(Instant, Duration)> {
+        list.iter()
+            .map(|&(ago, secs)| (now - Duration::from_secs(ago), Duration::from_secs(secs)))
+            .collect()
+    }
+
+    /// A stall excuses its length for a heartbeat timeout after it ended (a live
+    /// worker has been heard again by then), then nothing.
+    #[test]
+    fn a_stall_excuses_its_length_while_it_is_within_reach() {
+        let now = Instant::now() + Duration::from_secs(1_000);
+        let timeout = Duration::from_secs(30);
+        for (ago, excused_secs) in [(0, 40), (29, 40), (30, 0), (500, 0)] {
+            assert_eq!(
+                excused(&stalls(now, &[(ago, 40)]), now, timeout),
+                Duration::from_secs(excused_secs),
+                "a 40 s stall that ended {ago} s ago"
+            );
+        }
+        assert_eq!(excused(&VecDeque::new(), now, timeout), Duration::ZERO);
+    }
+
+    /// Short stalls again and again stretch the timeout by what was stalled within
+    /// its reach, not for as long as they go on: 6 s every 20 s excuse 12-18 s, so
+    /// a dead worker is still found (before, each stall held the check a whole
+    /// timeout, and a dead worker was never found while they went on).
+    #[test]
+    fn repeated_short_stalls_excuse_only_what_was_stalled() {
+        let now = Instant::now() + Duration::from_secs(10_000);
+        let timeout = Duration::from_secs(30);
+        let every_20s: Vec<(u64, u64)> = (0..200).rev().map(|i| (i * 20 + 5, 6)).collect();
+        let e = excused(&stalls(now, &every_20s), now, timeout);
+        assert!(
+            e >= Duration::from_secs(12) && e <= Duration::from_secs(18),
+            "{e:?}"
+        );
+    }
+
+    /// A look finds a stall on either clock, and none when the process ran.
+    #[test]
+    fn a_look_finds_a_gap_longer_than_the_stall_bound() {
+        let running = Running::default();
+        assert_eq!(running.look(), None, "a first look has nothing to compare");
+        assert_eq!(running.look(), None);
+        let earlier = (
+            Instant::now() - Duration::from_secs(7),
+            std::time::SystemTime::now(),
+        );
+        running.0.lock().expect("lock").last = Some(earlier);
+        let gap = running.look().expect("a stall on the monotonic clock");
+        assert!(gap >= Duration::from_secs(7), "{gap:?}");
+        let earlier = (
+            Instant::now(),
+            std::time::SystemTime::now() - Duration::from_secs(9),
+        );
+        running.0.lock().expect("lock").last = Some(earlier);
+        let gap = running.look().expect("a stall on the wall clock");
+        assert!(gap >= Duration::from_secs(9), "{gap:?}");
+        assert!(running.excused(Duration::from_secs(30)) >= Duration::from_secs(16));
+    }
+}
