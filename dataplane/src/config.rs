@@ -1457,12 +1457,20 @@ impl Config {
                     "[worker] port_range = [{lo}, {hi}] is no range of ports: [low, high] with 1 <= low <= high"
                 )));
             }
-            let admin = self.admin.bind.filter(|a| self.takes_from_the_range(*a));
-            for (name, port) in [
-                ("[worker] api_port", self.worker.api_port),
-                ("[admin] bind", admin.map(|a| a.port())),
+            // The API listens where the circuits do, the admin endpoint where its
+            // own address says: one rule for both.
+            let api = self
+                .worker
+                .api_port
+                .map(|p| SocketAddr::new(self.worker.bind_host, p));
+            for (name, at) in [
+                ("[worker] api_port", api),
+                ("[admin] bind", self.admin.bind),
             ] {
-                if let Some(port) = port.filter(|p| (lo..=hi).contains(p)) {
+                if let Some(port) = at
+                    .filter(|a| self.takes_from_the_range(*a))
+                    .map(|a| a.port())
+                {
                     return Err(ConfigError::Invalid(format!(
                         "{name} port {port} is inside [worker] port_range [{lo}, {hi}]: the coordinator would place circuits on it, which cannot listen there; keep it outside the range"
                     )));

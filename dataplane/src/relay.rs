@@ -757,8 +757,9 @@ pub async fn fill_watching(
 }
 
 /// `work`'s outcome, unless `client` is gone first as `gone` says (`None`, `work`
-/// dropped): a wait on an app (its connect, its answer) for its client. While it waits the client's deadline is cleared: the
-/// wait is bounded by its own, and the client's next read or write arms its own.
+/// dropped): a wait on an app (its connect, its answer) for its client. While it
+/// waits the client's deadline is cleared: the wait is bounded by its own, and the
+/// client's next read or write arms its own.
 pub async fn unless_gone<F: Future>(work: F, client: &TcpConn, gone: Gone) -> Option<F::Output> {
     let work = std::pin::pin!(work);
     or_watch(work, || client.set_deadline(None), client.gone(gone))

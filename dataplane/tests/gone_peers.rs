@@ -51,17 +51,10 @@ fn silent_app() -> SilentApp {
             std::thread::spawn(move || {
                 let mut s = stream;
                 let mut r = BufReader::new(s.try_clone().expect("clone"));
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                let Some(line) = read_request_head(&mut r) else {
                     return;
-                }
+                };
                 let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
-                loop {
-                    let mut h = String::new();
-                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                        break;
-                    }
-                }
                 heads.fetch_add(1, Ordering::SeqCst);
                 if path == "/late" {
                     std::thread::sleep(Duration::from_secs(2));
@@ -92,6 +85,23 @@ fn silent_app() -> SilentApp {
         addr,
         received,
         closed,
+    }
+}
+
+/// Reads a request head from an app's connection: its request line, or `None` when
+/// the connection ends first.
+fn read_request_head(r: &mut BufReader<TcpStream>) -> Option<String> {
+    let mut line = String::new();
+    if r.read_line(&mut line).unwrap_or(0) == 0 {
+        return None;
+    }
+    loop {
+        let mut h = String::new();
+        match r.read_line(&mut h) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) if h == "\r\n" => return Some(line),
+            Ok(_) => {}
+        }
     }
 }
 
@@ -414,17 +424,7 @@ fn closes_its_reused_connection_then_stops_accepting() -> (SocketAddr, std::sync
     std::thread::spawn(move || {
         let Ok((c, _)) = app.accept() else { return };
         let mut c = BufReader::new(c);
-        let head = |c: &mut BufReader<TcpStream>| {
-            let mut line = String::new();
-            while c.read_line(&mut line).is_ok_and(|n| n > 0) {
-                if line == "\r\n" {
-                    return true;
-                }
-                line.clear();
-            }
-            false
-        };
-        if !head(&mut c) {
+        if read_request_head(&mut c).is_none() {
             return;
         }
         let _ = c
@@ -433,7 +433,7 @@ fn closes_its_reused_connection_then_stops_accepting() -> (SocketAddr, std::sync
         let Ok(_queued) = TcpStream::connect(addr) else {
             return;
         };
-        if head(&mut c) {
+        if read_request_head(&mut c).is_some() {
             let _ = tell.send(());
         }
         drop(c);
