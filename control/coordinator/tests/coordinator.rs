@@ -138,6 +138,7 @@ macro_rules! on_both_engines {
 on_both_engines! {
     a_workers_app_filters_are_bounded_and_replaced => a_workers_app_filters_are_bounded_and_replaced_sqlite, a_workers_app_filters_are_bounded_and_replaced_postgresql;
     a_registrations_unknown_keys_are_bounded_and_each_traffic_kept_once => a_registrations_unknown_keys_are_bounded_and_each_traffic_kept_once_sqlite, a_registrations_unknown_keys_are_bounded_and_each_traffic_kept_once_postgresql;
+    silent_workers_are_found_lost_after_the_clock_stepped_back => silent_workers_are_found_lost_after_the_clock_stepped_back_sqlite, silent_workers_are_found_lost_after_the_clock_stepped_back_postgresql;
     origin_request_ids_are_stored_never_generated => origin_request_ids_are_stored_never_generated_sqlite, origin_request_ids_are_stored_never_generated_postgresql;
     bad_requests_get_json_errors_and_write_nothing => bad_requests_get_json_errors_and_write_nothing_sqlite, bad_requests_get_json_errors_and_write_nothing_postgresql;
     endpoints_lifecycle => endpoints_lifecycle_sqlite, endpoints_lifecycle_postgresql;
@@ -7131,6 +7132,81 @@ fn a_coordinator_that_did_not_run_does_not_take_its_workers_for_lost() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(lost(), "1", "a silent worker was not found lost");
+}
+
+/// A clock stepped back (an NTP step, a host's clock set right; the store's on
+/// PostgreSQL) after a worker's last heartbeat leaves that heartbeat stamped ahead
+/// of the clock — stamped here 300 s ahead, as a step of 300 s would. Judged from
+/// the stamp, a worker that fell silent was found lost only the step later, and a
+/// silent HA node counted as long. A stamp ahead of the clock is now brought back
+/// to it at each check: the silent worker is found lost and the silent node stops
+/// counting a timeout (4 s) after, while the node that heartbeats keeps its worker
+/// alive.
+fn silent_workers_are_found_lost_after_the_clock_stepped_back(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, id) = checking_for_lost_workers(dir.path(), &db, 4, "stepped-1");
+    let heartbeat = |path: &str| request(c.addr, "PATCH", path, &[AUTH], "").status;
+    assert_eq!(heartbeat(&format!("/api/worker/{id}")), 200);
+    let register = |node: &str| {
+        let body = format!(
+            r#"{{"authority":"stepped-ha","frontend_mode":"port","protocol":"http","hostname":"h","api_port":10201,"port_range":[10205,10208],"node_id":"{node}"}}"#
+        );
+        let r = request(c.addr, "PUT", "/api/worker", &[AUTH], &body);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["id"].as_str().expect("id").to_owned()
+    };
+    let ha = register("n1");
+    assert_eq!(register("n2"), ha);
+    let ahead = match db {
+        Db::Sqlite => "strftime('%Y-%m-%dT%H:%M:%f000Z', 'now', '+300 seconds')",
+        Db::Postgres(_) => "now() + interval '300 seconds'",
+    };
+    assert_eq!(
+        db.query(
+            dir.path(),
+            &format!("UPDATE workers SET updated_at = {ahead} WHERE id = '{id}' RETURNING id")
+        ),
+        id
+    );
+    assert_eq!(
+        db.query(
+            dir.path(),
+            &format!(
+                "UPDATE worker_nodes SET seen_at = {ahead} WHERE worker = '{ha}' AND node = 'n2' RETURNING node"
+            )
+        ),
+        "n2"
+    );
+    let nodes = || {
+        request(c.addr, "GET", &format!("/api/worker/{ha}"), &[AUTH], "").json()["nodes"]
+            .as_i64()
+            .unwrap_or(-1)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lost_workers(dir.path(), &db) == "0" || nodes() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "within 30 s: {} lost (1 expected), {} nodes of the HA worker counted (1 expected)",
+            lost_workers(dir.path(), &db),
+            nodes()
+        );
+        assert_eq!(heartbeat(&format!("/api/worker/{ha}?node=n1")), 200);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        db.query(
+            dir.path(),
+            &format!("SELECT status FROM workers WHERE id = '{id}'")
+        ),
+        "LOST"
+    );
+    assert_eq!(
+        db.query(
+            dir.path(),
+            &format!("SELECT status FROM workers WHERE id = '{ha}'")
+        ),
+        "ALIVE"
+    );
 }
 
 /// A store outage longer than the heartbeat timeout made every worker look lost once

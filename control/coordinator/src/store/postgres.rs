@@ -1187,6 +1187,23 @@ impl PgStore {
         // to a paused server, it would run when the server resumes, and every
         // heartbeat the pause held back would look missed.
         let deadline = self.on_server_clock(&client, deadline).await;
+        // A stamp ahead of the server's clock was taken before that clock stepped
+        // back (an NTP step, a host's clock set right): judged from it, a worker
+        // that fell silent meanwhile would be found lost the step later. It is
+        // brought back to now, and judged from there.
+        client
+            .execute(
+                "WITH w AS (
+                    UPDATE workers SET updated_at = now()
+                    WHERE status = 'ALIVE' AND updated_at > now() AND clock_timestamp() < $1),
+                 n AS (
+                    UPDATE worker_nodes SET seen_at = now()
+                    WHERE left_at IS NULL AND seen_at > now() AND clock_timestamp() < $1)
+                 UPDATE worker_nodes SET left_at = now()
+                 WHERE left_at > now() AND clock_timestamp() < $1",
+                &[&deadline],
+            )
+            .await?;
         // Nodes that stopped heartbeating (crashed) no longer count.
         client
             .execute(

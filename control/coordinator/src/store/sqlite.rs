@@ -604,6 +604,23 @@ impl SqliteStore {
             )
             .to_string();
             let tx = c.unchecked_transaction()?;
+            // A stamp ahead of the clock was taken before the clock stepped back (an
+            // NTP step, a host's clock set right): judged from it, a worker that
+            // fell silent meanwhile would be found lost the step later. It is
+            // brought back to now, and judged from there.
+            let now = appproxy_shared::telemetry::Rfc3339(now).to_string();
+            tx.execute(
+                "UPDATE workers SET updated_at = ?1 WHERE status = 'ALIVE' AND updated_at > ?1",
+                params![now],
+            )?;
+            tx.execute(
+                "UPDATE worker_nodes SET seen_at = ?1 WHERE left_at IS NULL AND seen_at > ?1",
+                params![now],
+            )?;
+            tx.execute(
+                "UPDATE worker_nodes SET left_at = ?1 WHERE left_at > ?1",
+                params![now],
+            )?;
             // Nodes that stopped heartbeating (crashed) no longer count.
             let stale: Vec<String> = {
                 let mut st =
