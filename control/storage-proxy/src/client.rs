@@ -590,6 +590,13 @@ async fn download_archive(
                 .and_then(|f| Ok(fsx::components(f)?))
         })
         .collect::<Result<_, _>>()?;
+    // Refused as at issue: a token of another issuer sharing the secret (the
+    // platform's own storage-proxy) listing the vfolder itself had every entry named
+    // from the root (`/a.txt`), which the zip format forbids and a naive extractor
+    // writes at the filesystem's root (an outside tester's find).
+    if files.iter().any(Vec::is_empty) {
+        return Err(ApiError::Params("files: the vfolder itself".into()));
+    }
     let permit = archive_slot(&state, peer.ip()).await?;
     let filename = c
         .get("filename")
@@ -763,11 +770,16 @@ fn session(state: &State, q: &HashMap<String, String>) -> Result<Session, ApiErr
     if destination[0] == super::manager::STAGING {
         return Err(super::manager::staging_refused());
     }
+    // None (or not a directory: swapped meanwhile) is a 404, a `.upload` that is a
+    // symlink an escape (400); one that cannot be opened (its mode taken away, a
+    // failing volume) leaves the upload where it stands.
     let staging = super::manager::staging_dir(root.as_fd(), false).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
+        if fsx::is_gone(&e) {
             ApiError::NotFound
-        } else {
+        } else if fsx::is_escape(&e) {
             e.into()
+        } else {
+            unreachable_staged(e)
         }
     })?;
     Ok(Session {
@@ -799,14 +811,40 @@ fn token_expiry(c: &serde_json::Map<String, serde_json::Value>) -> std::time::In
     now + std::time::Duration::try_from_secs_f64(left.max(0.0)).map_or(far, |d| d.min(far))
 }
 
-/// The size of a session's staging file (a regular file, not followed).
+/// The size of a session's staging file (a regular file, not followed): 404 when
+/// there is none (or something else in its place), [`unreachable_staged`] when it
+/// could not be looked at.
 fn staged(s: &Session) -> Result<u64, ApiError> {
     match rustix::fs::statat(&s.staging, s.id.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile => {
             Ok(st.st_size as u64)
         }
-        _ => Err(ApiError::NotFound),
+        Ok(_) | Err(rustix::io::Errno::NOENT) => Err(ApiError::NotFound),
+        Err(e) => Err(unreachable_staged(e.into())),
     }
+}
+
+/// A staged file that could not be looked at or opened for a reason other than its
+/// absence (a volume gone read-only or failing, descriptors spent, its mode changed
+/// from a shell): 500 with the system's words, the upload kept, to be resumed from
+/// HEAD's offset once it can be. Before, every such failure was a 404, which a tus
+/// client takes for an upload that is gone for good: a volume read-only for a
+/// while failed every upload in progress (an outside tester's find).
+fn unreachable_staged(e: std::io::Error) -> ApiError {
+    tracing::warn!(error = %e, "the upload's staged file could not be reached");
+    ApiError::Rejected {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: format!(
+            "the upload's staged file could not be reached ({e}): the upload is kept, nothing was written; try again, resuming from HEAD's offset"
+        ),
+    }
+}
+
+/// Whether opening a session's staged file failed because there is none of the
+/// proxy's making: none at all, or something else in its place (a symlink, a
+/// FIFO, a directory, a mount: [`fsx::reopen`] refuses all but a regular file).
+fn no_staged_file(e: &std::io::Error) -> bool {
+    fsx::is_gone(e) || fsx::is_escape(e)
 }
 
 /// The most tus sessions [`Completed`] remembers: some 100 bytes each, a few MiB
@@ -1081,6 +1119,57 @@ async fn tus_patch(
     answer
 }
 
+/// However a PATCH ends, once it has let its session go: a staged file found gone
+/// then (its vfolder deleted, or the file removed from a shell, while the PATCH
+/// ran) lets the session's reservation go, by the rule the expired-upload cleanup
+/// follows ([`quota::release_staged`]: no PATCH of it running). Before, the
+/// deletion's release passed over the session its PATCH held, the PATCH failed
+/// (404), and the reservation held the scope's room until the token expired, an
+/// hour, though nothing could use it: every other upload of the scope was refused
+/// meanwhile (an outside tester's find).
+struct GoneAfter<'a> {
+    state: &'a Arc<State>,
+    id: String,
+    folder: std::path::PathBuf,
+    scope: std::path::PathBuf,
+    /// The session's staging directory (a descriptor of its own).
+    staging: Option<OwnedFd>,
+}
+
+impl Drop for GoneAfter<'_> {
+    fn drop(&mut self) {
+        let Some(staging) = self.staging.take() else {
+            return;
+        };
+        if !self.state.reservations.holding(&self.id)
+            || self.state.completed.size_of(&self.id).is_some()
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (state, id) = (self.state.clone(), std::mem::take(&mut self.id));
+        let (folder, scope) = (
+            std::mem::take(&mut self.folder),
+            std::mem::take(&mut self.scope),
+        );
+        // The look is a system call a slow volume may hold: on the blocking pool.
+        runtime.spawn_blocking(move || {
+            let look = rustix::fs::statat(&staging, id.as_str(), AtFlags::SYMLINK_NOFOLLOW);
+            if look.err() != Some(rustix::io::Errno::NOENT) {
+                return;
+            }
+            quota::release_staged(&state, &folder, &id);
+            if !state.reservations.holding(&id) {
+                // Its bytes are gone with it: the scope is measured again.
+                state.reservations.removed(&scope);
+                tracing::info!(session = %id, "upload's staged file gone: its reservation released");
+            }
+        });
+    }
+}
+
 /// A PATCH's bytes of the staged file that no reservation holds (see [`patch`]).
 struct Unheld<'a> {
     state: &'a Arc<State>,
@@ -1250,11 +1339,12 @@ async fn patch(
         let st = state.clone();
         blocking(move || session(&st, &q)).await?
     };
-    let offset: u64 = headers
-        .get("upload-offset")
-        .and_then(|v| v.to_str().ok())
-        .and_then(tus_offset)
-        .ok_or_else(|| ApiError::Params("Upload-Offset is required".into()))?;
+    let offset: u64 = match headers.get("upload-offset") {
+        None => return Err(ApiError::Params("Upload-Offset is required".into())),
+        Some(v) => v.to_str().ok().and_then(tus_offset).ok_or_else(|| {
+            ApiError::Params("Upload-Offset must be a number of bytes in decimal digits".into())
+        })?,
+    };
     // A session completed lately takes nothing more: a PATCH at its end (a client
     // that lost the last answer, asking again) is answered as that one was; one
     // carrying bytes (`Content-Length`) gets 413, any other offset 409.
@@ -1273,6 +1363,14 @@ async fn patch(
         }
         return Ok(patched(size));
     }
+    // Dropped after the lease (declared before it): see `GoneAfter`.
+    let _gone = GoneAfter {
+        state,
+        id: s.id.clone(),
+        folder: s.folder_key.clone(),
+        scope: s.scope_key.clone(),
+        staging: s.staging.try_clone().ok(),
+    };
     let _lease = {
         let mut set = state
             .uploading
@@ -1320,7 +1418,13 @@ async fn patch(
             let fd = open(OFlags::PATH)
                 .map_err(std::io::Error::from)
                 .and_then(|path| fsx::reopen(path, write, false, || Ok(open(write)?)))
-                .map_err(|_| ApiError::NotFound)?;
+                .map_err(|e| {
+                    if no_staged_file(&e) {
+                        ApiError::NotFound
+                    } else {
+                        unreachable_staged(e)
+                    }
+                })?;
             let current = rustix::fs::fstat(&fd)?;
             if FileType::from_raw_mode(current.st_mode) != FileType::RegularFile {
                 return Err(ApiError::NotFound);

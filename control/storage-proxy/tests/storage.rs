@@ -92,6 +92,31 @@ fn tus_upload_resume_and_ranged_download() {
     assert_eq!(r.status, 409);
     let r = request(p.client, "PATCH", &url, &[], &data[40_000..]);
     assert_eq!(r.status, 400, "Upload-Offset is required");
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Upload-Offset is required")),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    // One sent but malformed is said to be so, not missing.
+    for malformed in ["+40000", "-0", "0x0", "4e4", "18446744073709551616"] {
+        let r = request(
+            p.client,
+            "PATCH",
+            &url,
+            &[("Upload-Offset", malformed)],
+            &data[40_000..],
+        );
+        assert_eq!(r.status, 400, "{malformed}");
+        assert!(
+            r.json()["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("decimal digits")),
+            "{malformed}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
     let r = request(
         p.client,
         "PATCH",

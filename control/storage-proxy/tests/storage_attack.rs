@@ -4052,3 +4052,126 @@ fn duplicated_fields_and_tus_preconditions_are_refused() {
         b"0123456789"
     );
 }
+
+/// A staged file the proxy cannot reach for a reason other than its absence — its
+/// mode taken away from a shell in the vfolder, or the staging area's (as a volume
+/// gone read-only or failing does) — is answered 500 with the system's words, the
+/// upload kept; once it can be reached again, the upload resumes where it stood.
+/// Before, every such failure was a 404 "File not found", which a tus client takes
+/// for an upload gone for good: a volume read-only for a while failed every upload
+/// in progress (an outside tester's find).
+#[test]
+fn a_staged_file_out_of_reach_is_a_server_error_and_the_upload_resumes() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = Proxy::start_bound_by_permissions("");
+    create_folder(&p);
+    let token = upload_token(&p, "resumed.txt", 5);
+    assert_eq!(p.tus_patch(&token, "0", b"ab").status, 204, "{}", p.log());
+    let staging = p.vfolder_path().join(".upload");
+    let staged: Vec<_> = std::fs::read_dir(&staging)
+        .expect("staging area")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(staged.len(), 1, "{staged:?}");
+    let chmod = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    let out_of_reach = |r: &appproxy_test_support::http::Resp, what: &str| {
+        assert_eq!(
+            r.status,
+            500,
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let body = r.json();
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("could not be reached") && e.contains("denied")),
+            "{what}: {body}"
+        );
+        assert!(body["request_id"].is_string(), "{what}: {body}");
+    };
+    // A HEAD's answer has no body: its status says it.
+    let head_out_of_reach = |r: &appproxy_test_support::http::Resp, what: &str| {
+        assert_eq!(r.status, 500, "{what}: {}", p.log());
+    };
+    // The staged file's mode taken away: the PATCH cannot open it.
+    chmod(&staged[0], 0o000);
+    out_of_reach(&p.tus_patch(&token, "2", b"cd"), "PATCH, file mode 000");
+    let head = p.tus_head(&token);
+    assert_eq!(head.status, 200, "HEAD looks without opening");
+    assert_eq!(head.header("upload-offset"), Some("2"));
+    chmod(&staged[0], 0o644);
+    // The staging area's: neither HEAD nor PATCH can look into it.
+    chmod(&staging, 0o000);
+    head_out_of_reach(&p.tus_head(&token), "HEAD, staging area mode 000");
+    out_of_reach(
+        &p.tus_patch(&token, "2", b"cd"),
+        "PATCH, staging area mode 000",
+    );
+    chmod(&staging, 0o755);
+    // Nothing was lost: the upload resumes and completes.
+    let head = p.tus_head(&token);
+    assert_eq!(head.header("upload-offset"), Some("2"), "{}", p.log());
+    let r = p.tus_patch(&token, "2", b"cde");
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        std::fs::read(p.vfolder_path().join("resumed.txt")).expect("in place"),
+        b"abcde"
+    );
+}
+
+/// A `/download-archive` token listing the vfolder itself (`.`, or an empty path:
+/// the issuer here refuses both, another sharing the secret may not) is refused as
+/// at issue: 400, no archive begun. Before, it was honoured and every entry named
+/// from the root (`/a.txt`), which the zip format forbids and a naive extractor
+/// writes at the filesystem's root (an outside tester's find).
+#[test]
+fn an_archive_token_listing_the_vfolder_itself_is_refused() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    std::fs::write(p.vfolder_path().join("a.txt"), b"a").expect("a");
+    let exp = appproxy_shared::jwt::now_epoch() as u64 + 600;
+    for files in [
+        serde_json::json!(["."]),
+        serde_json::json!([""]),
+        serde_json::json!(["a.txt", "."]),
+    ] {
+        let token = appproxy_shared::jwt::sign_hs256(
+            &serde_json::json!({"operation": "download", "volume": "local", "virtual_folder_id": VFID, "files": files, "exp": exp}),
+            "session-key",
+        );
+        let r = p.client_get(
+            &format!("/download-archive?token={token}"),
+            Duration::from_secs(20),
+        );
+        assert_eq!(
+            r.status,
+            400,
+            "{files}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(
+            r.json()["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("the vfolder itself")),
+            "{files}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    // A token of the file alone is served.
+    let token = appproxy_shared::jwt::sign_hs256(
+        &serde_json::json!({"operation": "download", "volume": "local", "virtual_folder_id": VFID, "files": ["a.txt"], "exp": exp}),
+        "session-key",
+    );
+    let r = p.client_get(
+        &format!("/download-archive?token={token}"),
+        Duration::from_secs(20),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        zip_names(&r.body, p.dir.path()).expect("a valid zip"),
+        ["'a.txt'"]
+    );
+}

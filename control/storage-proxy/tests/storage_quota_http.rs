@@ -1273,6 +1273,71 @@ fn deleting_a_vfolder_frees_the_reservations_of_its_uploads() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
 
+/// An upload whose staged file goes while its PATCH runs — its vfolder deleted
+/// through the API, or the file removed from a shell in the vfolder — lets its
+/// reservation go when the PATCH ends: a new upload of the room fits at once.
+/// Before, the deletion passed over the session its PATCH held, the PATCH failed
+/// (404), and the reservation held the scope's room until the token expired (an
+/// hour), every other upload of the scope refused meanwhile (an outside tester's
+/// find).
+#[test]
+fn an_upload_whose_staged_file_goes_during_its_patch_lets_its_reservation_go() {
+    use std::io::Write as _;
+    for how in ["the vfolder deleted", "the staged file removed"] {
+        let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+        create_with_limit(&p, 10_000);
+        let r = upload_token(&p, "a.bin", 8_000);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let token = r.json()["token"].as_str().expect("token").to_owned();
+        let mut running = patch_begun(&p, &token, 8_000, 1_000);
+        assert_eq!(quota_scope(&p)["reserved_bytes"], 8_000, "{how}");
+        if how == "the vfolder deleted" {
+            let r = p.manager(
+                "/folder/delete",
+                serde_json::json!({"volume": "local", "vfid": VFID}),
+                None,
+            );
+            assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while p.vfolder_path().exists() {
+                assert!(std::time::Instant::now() < deadline, "{}", p.log());
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        } else {
+            let staging = p.vfolder_path().join(".upload");
+            for entry in std::fs::read_dir(&staging).expect("staging area") {
+                std::fs::remove_file(entry.expect("entry").path()).expect("rm");
+            }
+        }
+        // Its PATCH runs: the reservation is its own still.
+        assert_eq!(quota_scope(&p)["reserved_bytes"], 8_000, "{how}");
+        running.write_all(&[7u8; 7_000]).expect("the rest");
+        let answer = read_until_closed(&mut running);
+        assert!(
+            !answer.starts_with(b"HTTP/1.1 204"),
+            "{how}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        // A hang guard, not a timing assertion.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while quota_scope(&p)["reserved_bytes"] != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{how}: still reserved {}; {}",
+                quota_scope(&p),
+                p.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(p.tus_head(&token).status, 404, "{how}");
+        if how == "the vfolder deleted" {
+            create_folder(&p);
+        }
+        let r = upload_token(&p, "b.bin", 10_000);
+        assert_eq!(r.status, 200, "{how}: {}", String::from_utf8_lossy(&r.body));
+    }
+}
+
 /// A limit set on a scope has its first check measure the scope again: what an
 /// upload wrote while the scope had none (no reservation held it) counts at once.
 /// Before, the check took the measurement made before those bytes, and a session
