@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::placement::port_range;
 use super::store::{HeldSlot, StoreError, WorkerRow};
-use super::{access, ApiError, Body, Caller, Id, Params, State};
+use super::{access, ApiError, Body, Caller, Id, Params, State, WorkerParams};
 
 pub(super) async fn status(Extract(state): Extract<Arc<State>>) -> Json<Value> {
     Json(json!({"api_version": "v2", "advertise_address": state.config.coordinator.advertised_url}))
@@ -929,9 +929,10 @@ pub(super) async fn heartbeat(
     Extract(state): Extract<Arc<State>>,
     Extension(caller): Extension<Caller>,
     Id(id): Id<uuid::Uuid>,
-    Params(q): Params<NodeQuery>,
+    WorkerParams(q): WorkerParams<NodeQuery>,
 ) -> Result<Response, ApiError> {
     acting_for(&state, &caller, id).await?;
+    let q = q?;
     valid_node_id("node", q.node.as_deref())?;
     let heard = match state.store.heartbeat_node(id, q.node.as_deref()).await {
         Err(StoreError::Conflict(why)) => return Err(ApiError::NodeLeft(why)),
@@ -990,9 +991,10 @@ pub(super) async fn deregister_worker(
     Extract(state): Extract<Arc<State>>,
     Extension(caller): Extension<Caller>,
     Id(id): Id<uuid::Uuid>,
-    Params(q): Params<NodeQuery>,
+    WorkerParams(q): WorkerParams<NodeQuery>,
 ) -> Result<Json<Success>, ApiError> {
     acting_for(&state, &caller, id).await?;
+    let q = q?;
     valid_node_id("node", q.node.as_deref())?;
     if !state.store.deregister_node(id, q.node.as_deref()).await? {
         return Err(ApiError::NotFound("No such worker."));
@@ -1066,9 +1068,10 @@ pub(super) async fn worker_circuits(
     Extract(state): Extract<Arc<State>>,
     Extension(caller): Extension<Caller>,
     Id(id): Id<uuid::Uuid>,
-    Params(q): Params<CircuitsQuery>,
+    WorkerParams(q): WorkerParams<CircuitsQuery>,
 ) -> Result<Response, ApiError> {
     acting_for(&state, &caller, id).await?;
+    let q = q?;
     let limit = q
         .limit
         .unwrap_or(MAX_CIRCUITS_PER_ANSWER)

@@ -6,8 +6,10 @@
 //! the events it publishes) is found by one ID.
 //!
 //! With Redis, one coordinator of a cluster leads at a time: the key
-//! `leader:appproxy:coordinator` holds the leader's node ID for 30 s and is renewed
-//! each pass. Without Redis the coordinator is alone and leads.
+//! `leader:appproxy:coordinator` holds the leader's lease for 30 s — its node ID,
+//! the lease's end and a signature under the API secret ([`LeaseValue`]) — and is
+//! renewed each pass by a leader that can reach the store. Without Redis the
+//! coordinator is alone and leads.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -59,17 +61,26 @@ pub(super) fn warn_if_lease_lapses(state: &State) {
     }
 }
 
-/// Gives the lease up if this node holds it (a node that stops gracefully): the
-/// next node to run a pass leads at once, not once the lease has run out. Bounded
-/// like every Redis call; a failure only leaves the lease to run out.
+/// Gives the lease up if this node holds it (a node that stops gracefully, or one
+/// that cannot reach the store): the next node to run a pass leads at once, not
+/// once the lease has run out. Bounded like every Redis call; a failure only
+/// leaves the lease to run out.
 pub(super) async fn step_down(state: &State) {
     let Some(conn) = &state.redis else {
         return;
     };
-    const SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then
+    // Ours: the value begins with this node's ID and a dot.
+    const SCRIPT: &str = "local v = redis.pcall('GET', KEYS[1])
+         if type(v) == 'string' and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
              return redis.call('DEL', KEYS[1]) end
          return 0";
-    let released = on_lease(state, conn, SCRIPT, None).await;
+    let mut conn = conn.clone();
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(SCRIPT)
+        .arg(1)
+        .arg(LEADER_KEY)
+        .arg(LeaseValue::prefix(state.node_id));
+    let released = super::bounded(cmd.query_async::<i64>(&mut conn)).await;
     state.metrics.observed.leader.store(0, Ordering::Relaxed);
     match released {
         Ok(1) => tracing::info!(key = LEADER_KEY, "leadership given up"),
@@ -80,24 +91,79 @@ pub(super) async fn step_down(state: &State) {
     }
 }
 
-/// Runs `script` on the leader key with this node's ID as `ARGV[1]` (and `px`, the
-/// lease in milliseconds, as `ARGV[2]`), bounded like every Redis call.
-async fn on_lease(
-    state: &State,
-    conn: &super::redis_link::RedisConn,
-    script: &str,
-    px: Option<u64>,
-) -> redis::RedisResult<i64> {
-    let mut conn = conn.clone();
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(script)
-        .arg(1)
-        .arg(LEADER_KEY)
-        .arg(state.node_id.to_string());
-    if let Some(px) = px {
-        cmd.arg(px);
+/// A lease as the leader key holds it: `{node}.{until}.{signature}` — the leading
+/// node's ID, when the value stops counting as a lease (Unix milliseconds), and
+/// HMAC-SHA256 of the two under a key derived from the API secret. Every worker
+/// host may write to this Redis (last-access marks), also with `[secrets]
+/// worker_key`, which takes the manager's rights away from it: a value it wrote
+/// under the key (any text, for days) was taken for a coordinator's lease, and no
+/// coordinator led — no worker-lost check, no idle collection, no health checks —
+/// with nothing saying why (an outside tester's find). A value no coordinator of
+/// this cluster signed, or one whose time is long past (a lease copied back), is
+/// no lease: it is replaced, with a warning. A lease copied while it is current
+/// names a coordinator that leads anyway.
+struct LeaseValue;
+
+impl LeaseValue {
+    /// What begins every lease of `node`.
+    fn prefix(node: uuid::Uuid) -> String {
+        format!("{node}.")
     }
-    super::bounded(cmd.query_async::<i64>(&mut conn)).await
+
+    /// A lease of `node` until `until_ms`, signed with `secret`.
+    fn make(secret: &str, node: uuid::Uuid, until_ms: u64) -> String {
+        let signed = format!("{node}.{until_ms}");
+        let signature = Self::signature(secret, &signed);
+        format!("{signed}.{signature}")
+    }
+
+    fn signature(secret: &str, signed: &str) -> String {
+        // A key of its own for leases: a lease's signature is never another
+        // credential's (a JWT's, a worker's).
+        let key = appproxy_shared::secret::derived(secret, "appproxy coordinator leader lease");
+        appproxy_shared::secret::derived(&key, signed)
+    }
+
+    /// Whether `value` is a lease signed with one of `secrets` (a rotation's
+    /// previous one too) whose time is within `lease` of `now_ms`: not past by more
+    /// (clocks of two nodes differ; Redis's expiry ends a lease first anyway), nor
+    /// further ahead than a lease made now would be.
+    fn genuine<'a>(
+        value: &str,
+        secrets: impl Iterator<Item = &'a str>,
+        lease: Duration,
+        now_ms: u64,
+    ) -> bool {
+        let Some((signed, signature)) = value.rsplit_once('.') else {
+            return false;
+        };
+        let Some((node, until)) = signed.split_once('.') else {
+            return false;
+        };
+        let (Ok(_), Ok(until)) = (node.parse::<uuid::Uuid>(), until.parse::<u64>()) else {
+            return false;
+        };
+        let lease = lease.as_millis() as u64;
+        if until.saturating_add(lease) < now_ms || until > now_ms.saturating_add(2 * lease) {
+            return false;
+        }
+        let mut genuine = false;
+        for secret in secrets {
+            // Each compared in constant time, and all of them.
+            genuine |= appproxy_control_common::server::secret_matches(
+                signature.as_bytes(),
+                Self::signature(secret, signed).as_bytes(),
+            );
+        }
+        genuine
+    }
+}
+
+/// Now, in Unix milliseconds.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Takes or renews the lease; true when this node leads.
@@ -118,26 +184,76 @@ async fn lead_once(state: &State) -> bool {
     if state.stopping.load(Ordering::SeqCst) {
         return false;
     }
-    // Renew if ours, else take it if free — one atomic script. A key of another
-    // type (a hash another client wrote on a shared Redis) is no lease: it is
-    // replaced (2: taken so), never a lasting WRONGTYPE that leaves the cluster
-    // without a leader — no idle collection, no worker-lost check, no health check.
+    // A node that cannot reach the store can do none of a leader's jobs: it does
+    // not take the lease, and gives up one it holds, to a node that can. Before, a
+    // leader cut off from the store (Redis still in reach) renewed its lease at
+    // every pass, each failing: no worker-lost check, no idle collection, no health
+    // checks in the whole cluster while other nodes stood by (an outside tester's
+    // find). When no node reaches the store, none leads, and nothing could be done.
+    if let Err(e) = state.store.ready().await {
+        tracing::warn!(error = %e, "the store is out of reach or takes no writes: this node does not lead, and gives the lease up if it holds it");
+        step_down(state).await;
+        return false;
+    }
+    let lease = lease(state);
+    let ours = LeaseValue::make(
+        &state.config.secrets.api_secret,
+        state.node_id,
+        now_ms() + lease.as_millis() as u64,
+    );
+    // Renew if ours, else take it if free or if it holds the value `ARGV[4]` (one
+    // found no lease) — one atomic script; otherwise answer what it holds. A key of
+    // another type (a hash another client wrote on a shared Redis) is no lease
+    // either: replaced (2: taken so), never a lasting WRONGTYPE that leaves the
+    // cluster without a leader. Ours is renewed signed anew; where Redis refuses the
+    // write (full, `noeviction`: it takes no SET, but an expiry moved), only its
+    // expiry is moved, so the leader goes on leading — its idle pass is the one that
+    // notices Redis refusing writes and holds collection off.
     const SCRIPT: &str = "local v = redis.pcall('GET', KEYS[1])
          local replaced = 0
          if type(v) == 'table' and v.err then redis.call('DEL', KEYS[1]); v = false; replaced = 1 end
-         if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-         if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 + replaced end
-         return 0";
-    let led = on_lease(state, conn, SCRIPT, Some(lease(state).as_millis() as u64)).await;
+         if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+             local set = redis.pcall('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+             if type(set) == 'table' and set.err then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+             return {1, ''} end
+         if not v then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return {1 + replaced, ''} end
+         if v == ARGV[4] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return {3, ''} end
+         return {0, v}";
+    let run = |forged: &str| {
+        let mut conn = conn.clone();
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(SCRIPT)
+            .arg(1)
+            .arg(LEADER_KEY)
+            .arg(LeaseValue::prefix(state.node_id))
+            .arg(&ours)
+            .arg(lease.as_millis() as u64)
+            .arg(forged);
+        async move { super::bounded(cmd.query_async::<(i64, String)>(&mut conn)).await }
+    };
+    let mut led = run("").await;
+    if let Ok((0, held)) = &led {
+        if !LeaseValue::genuine(held, state.config.secrets.api_secrets(), lease, now_ms()) {
+            // Taken only while it still holds what was judged.
+            led = run(held).await;
+        }
+    }
     match led {
-        Ok(2) => {
+        Ok((2, _)) => {
             tracing::warn!(
                 key = LEADER_KEY,
                 "the leader key held a value of another type (written by another client of this Redis); replaced, and this node leads"
             );
             true
         }
-        Ok(v) => v == 1,
+        Ok((3, _)) => {
+            tracing::warn!(
+                key = LEADER_KEY,
+                "the leader key held no coordinator's lease (a value no coordinator of this cluster signed, or a lease long past: written by another client of this Redis); replaced, and this node leads"
+            );
+            true
+        }
+        Ok((v, _)) => v == 1,
         Err(e) => {
             tracing::warn!(error = %e, "leadership check failed; skipping this pass");
             false

@@ -832,6 +832,28 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
     }
 }
 
+/// Query parameters of a route that names its worker in the path (`/api/worker/{id}`
+/// …), read before the caller is known to act for that worker: what does not read
+/// is kept as the 400 it is, for the route to answer once the caller may act for
+/// the worker. Refused at once, as [`Params`] refuses for a credential not yet
+/// checked, a worker with its own credential and a slightly wrong query
+/// (`brief=1`) was told 401 "Unauthorized access", and an operator rotated keys
+/// instead of mending the call (an outside tester's find); a caller whose
+/// credential is not the worker's still learns nothing (401 first).
+pub struct WorkerParams<T>(pub Result<T, ApiError>);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for WorkerParams<T> {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(WorkerParams(
+            axum::extract::Query::<T>::try_from_uri(&parts.uri)
+                .map(|q| q.0)
+                .map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text()))),
+        ))
+    }
+}
+
 /// A path parameter; a malformed one (not a UUID) is a 400 in the API's error shape.
 pub struct Id<T>(pub T);
 

@@ -255,8 +255,37 @@ pub fn slot(
 }
 
 /// `name` as one DNS label: lowercase, characters outside `[a-z0-9-]` become `-`,
-/// no leading or trailing `-`, at most 63 characters; empty becomes `app`.
+/// no leading or trailing `-`, at most 63 characters; empty becomes `app`. A name
+/// with letters beyond ASCII keeps them, punycoded (IDNA, UTS 46: `münchen` is
+/// `xn--mnchen-3ya`), as the original's labels are; where that gives no label
+/// (a character IDNA refuses, a label past 63 characters) they become `-` too.
+/// Before, they always did: `münchen` was `m-nchen`, and names that differ only
+/// in such letters (`日本語`, `中文模型`) made one label (an outside tester's find).
 pub fn dns_label(name: &str) -> String {
+    if !name.is_ascii() {
+        let kept: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii() && !(c.is_ascii_alphanumeric() || c == '-') {
+                    '-'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        if let Ok(label) = idna::domain_to_ascii(kept.trim_matches('-')) {
+            let one_label = label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if one_label
+                && (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+            {
+                return label;
+            }
+        }
+    }
     let mut out: String = name
         .chars()
         .map(|c| {
@@ -477,6 +506,19 @@ mod tests {
         assert_eq!(dns_label("Llama_Svc v2"), "llama-svc-v2");
         assert_eq!(dns_label("--"), "app");
         assert_eq!(dns_label(&"a".repeat(80)).len(), 63);
+        // Letters beyond ASCII are punycoded, as the original's labels are.
+        for (name, label) in [
+            ("münchen", "xn--mnchen-3ya"),
+            ("Ünicode-Svc", "xn--nicode-svc-8db"),
+            ("日本語", "xn--wgv71a119e"),
+            ("Llama Müller_v2", "xn--llama-mller-v2-msb"),
+        ] {
+            assert_eq!(dns_label(name), label, "{name}");
+        }
+        assert_ne!(dns_label("日本語"), dns_label("中文模型"));
+        // Where IDNA gives no one label, they become `-` as before.
+        assert_eq!(dns_label("a\u{3002}b"), "a-b", "an ideographic full stop");
+        assert_eq!(dns_label(&"ü".repeat(60)), "app", "past 63 characters");
         assert_eq!(with_suffix(&"b".repeat(63), "12345678").len(), 63);
     }
 

@@ -154,25 +154,58 @@ pub(super) struct AuthQuery {
     args: Option<String>,
 }
 
-/// A boolean from a query string (`true`/`1`) or a JSON body.
-#[derive(Deserialize, Clone, Copy)]
-#[serde(untagged)]
-enum Flag {
-    Bool(bool),
-    Text(#[serde(deserialize_with = "flag_text")] bool),
-}
+/// A boolean from a query string or a JSON body, read as the original's pydantic
+/// reads one: `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`, `t`/`f`, `y`/`n` in
+/// any case (or a JSON boolean, 0 or 1); anything else is refused (400 naming the
+/// parameter). Before, only `true`, `1` and `yes` were true and any other text
+/// silently false: `no_reuse=on` (a checkbox's value) reused the old circuit (an
+/// outside tester's find).
+#[derive(Clone, Copy)]
+struct Flag(bool);
 
-fn flag_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    let s = String::deserialize(d)?;
-    Ok(matches!(
-        s.to_ascii_lowercase().as_str(),
-        "true" | "1" | "yes"
-    ))
+impl<'de> Deserialize<'de> for Flag {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Flag;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a boolean (true/false, 1/0, yes/no, on/off, t/f, y/n)")
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Flag, E> {
+                Ok(Flag(v))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Flag, E> {
+                match v {
+                    0 | 1 => Ok(Flag(v == 1)),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Unsigned(v), &self)),
+                }
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Flag, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self)),
+                }
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Flag, E> {
+                match v.to_ascii_lowercase().as_str() {
+                    "1" | "on" | "t" | "true" | "y" | "yes" => Ok(Flag(true)),
+                    "0" | "off" | "f" | "false" | "n" | "no" => Ok(Flag(false)),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 impl Flag {
     fn get(f: Option<Flag>) -> bool {
-        matches!(f, Some(Flag::Bool(true) | Flag::Text(true)))
+        f.is_some_and(|f| f.0)
     }
 }
 

@@ -478,6 +478,79 @@ fn setup_links_expire() {
     }
 }
 
+/// `/v2/proxy/auth`'s yes/no parameters are read as the original's pydantic reads
+/// them: `on`, `t`, `y` (any case) are true as `true`, `1`, `yes` are, and `off`,
+/// `f`, `n` false; any other text is a 400 naming the parameter. Before, only
+/// `true`, `1` and `yes` were true and anything else silently false:
+/// `no_reuse=on` (a checkbox's value) reused the old circuit, `open_to_public=on`
+/// made a private one (an outside tester's find).
+#[test]
+fn auth_flags_are_read_as_the_original_reads_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(dir.path(), &Db::Sqlite);
+    let token = setup(&c);
+    let auth = |extra: &str| {
+        request(
+            c.addr,
+            "GET",
+            &format!(
+                "/v2/proxy/auth?token={token}&session_id={SESSION}&app=jupyter&protocol=http{extra}"
+            ),
+            &[("Accept", "application/json")],
+            "",
+        )
+    };
+    // A circuit made anew is removed again: the worker has four ports.
+    let remove = |r: &Resp| {
+        let url = r.json()["redirect_url"].as_str().expect("url").to_owned();
+        let gone = request(
+            c.addr,
+            "DELETE",
+            &format!("/api/circuit/{}", circuit_of(&url)),
+            &[AUTH],
+            "",
+        );
+        assert!(gone.status < 300, "{}", String::from_utf8_lossy(&gone.body));
+    };
+    let r = auth("");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    for yes in ["on", "ON", "t", "Y", "yes", "1", "true"] {
+        let r = auth(&format!("&no_reuse={yes}"));
+        assert_eq!(r.status, 200, "{yes}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["reuse"], false, "no_reuse={yes}");
+        remove(&r);
+    }
+    for no in ["off", "f", "N", "no", "0", "false"] {
+        let r = auth(&format!("&no_reuse={no}"));
+        assert_eq!(r.status, 200, "{no}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["reuse"], true, "no_reuse={no}");
+    }
+    // A public circuit is another circuit: made anew, then reused.
+    let r = auth("&open_to_public=on");
+    assert_eq!(r.json()["reuse"], false);
+    let r = auth("&open_to_public=T");
+    assert_eq!(r.json()["reuse"], true, "the public one");
+    remove(&r);
+    for (name, bad) in [
+        ("no_reuse", "maybe"),
+        ("open_to_public", "2"),
+        ("no_reuse", ""),
+    ] {
+        let r = auth(&format!("&{name}={bad}"));
+        assert_eq!(
+            r.status,
+            400,
+            "{name}={bad}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(
+            String::from_utf8_lossy(&r.body).contains(name),
+            "{name}={bad}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+}
+
 fn origin_request_ids_are_stored_never_generated(db: Db) {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start(dir.path(), &db);
@@ -1141,6 +1214,22 @@ fn a_workers_own_credential_acts_for_that_worker_only() {
         ("DELETE", format!("/api/circuit/{unknown}"), 401),
         ("POST", format!("/v2/endpoints/{unknown}/token"), 401),
         ("POST", "/v2/conf".to_owned(), 401),
+        // A query that does not read: told so (400) once the credential is its
+        // worker's, as the API secret is; still 401 for another worker's.
+        ("PATCH", format!("/api/worker/{w1}?brief=1"), 400),
+        ("GET", format!("/api/worker/{w1}/circuits?since=-1"), 400),
+        (
+            "GET",
+            format!("/api/worker/{w1}/circuits?after=&limit=x"),
+            400,
+        ),
+        ("DELETE", format!("/api/worker/{w1}?brief=maybe"), 400),
+        ("PATCH", format!("/api/worker/{w2}?brief=1"), 401),
+        (
+            "GET",
+            format!("/api/worker/{unknown}/circuits?since=-1"),
+            401,
+        ),
         ("DELETE", format!("/api/worker/{w1}"), 200),
     ] {
         let r = request(c.addr, method, &path, &[as_w1], "{}");
@@ -4864,8 +4953,27 @@ fn leader_gauge(addr: SocketAddr) -> f64 {
         .expect("leader gauge")
 }
 
+/// A lease of coordinator `node` until `until_ms` (Unix milliseconds), signed with
+/// the API secret as a coordinator of the cluster signs it: `{node}.{until}.{hex
+/// HMAC-SHA256 under a key derived from the secret}`.
+fn lease_of(node: &str, until_ms: u128) -> String {
+    let signed = format!("{node}.{until_ms}");
+    let key = appproxy_shared::secret::derived(SECRET, "appproxy coordinator leader lease");
+    format!(
+        "{signed}.{}",
+        appproxy_shared::secret::derived(&key, &signed)
+    )
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis()
+}
+
 /// With Redis, `appproxy_coordinator_leader` follows the lease: 1 once this node holds
-/// it, 0 while another node's ID holds the key, 1 again once the key is free.
+/// it, 0 while another node's lease holds the key, 1 again once the key is free.
 #[test]
 fn leader_gauge_follows_the_redis_lease() {
     let redis = appproxy_test_support::redis::Redis::start();
@@ -4891,7 +4999,10 @@ fn leader_gauge_follows_the_redis_lease() {
     let mut conn = client.get_connection().expect("connection");
     let _: () = redis::cmd("SET")
         .arg("leader:appproxy:coordinator")
-        .arg("another-node")
+        .arg(lease_of(
+            "9b2f0a4e-1c3d-4e5f-8a7b-6c5d4e3f2a1b",
+            now_ms() + 30_000,
+        ))
         .arg("PX")
         .arg(600_000)
         .query(&mut conn)
@@ -4902,6 +5013,244 @@ fn leader_gauge_follows_the_redis_lease() {
         .query(&mut conn)
         .expect("free the lease");
     wait_for(1.0);
+}
+
+/// A relay to `to` that stops passing bytes on while `held` (a stalled network
+/// path: connections stay open, nothing goes through) and passes them on again
+/// once released.
+struct HoldingRelay {
+    addr: SocketAddr,
+    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HoldingRelay {
+    fn start(to: SocketAddr) -> Self {
+        use std::io::{Read as _, Write as _};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let addr = listener.local_addr().expect("relay addr");
+        let held = std::sync::Arc::new(AtomicBool::new(false));
+        let h = held.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(to) else {
+                    continue;
+                };
+                for (mut from, mut into) in [
+                    (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    ),
+                    (server, client),
+                ] {
+                    let held = h.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 65536];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            while held.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            if into.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = into.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Self { addr, held }
+    }
+
+    fn hold(&self, held: bool) {
+        self.held.store(held, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A leader cut off from the store (its path to PostgreSQL stalled) while Redis
+/// stays in reach gives the lease up, and a coordinator that reaches the store
+/// leads. Before, it renewed the lease at every pass, each failing: no worker-lost
+/// check, no idle collection, no health checks in the whole cluster while the
+/// other node stood by (an outside tester's find).
+#[test]
+fn a_leader_that_cannot_reach_the_store_hands_its_lease_over() {
+    let pg = appproxy_test_support::pg::Pg::start();
+    let redis = appproxy_test_support::redis::Redis::start();
+    let port: u16 = pg
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let relay = HoldingRelay::start(SocketAddr::from(([127, 0, 0, 1], port)));
+    let extra = format!(
+        "check_worker_lost_interval_secs = 1\nleader_lease_secs = 5\n[redis]\nurl = \"{}\"",
+        redis.url()
+    );
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let a = common::start(
+        dir_a.path(),
+        &api::config(
+            &extra,
+            &format!("url = \"postgres://postgres@{}/appproxy\"", relay.addr),
+        ),
+    );
+    let wait_for = |c: &Coordinator, dir: &std::path::Path, want: f64, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while leader_gauge(c.addr) != want {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: leader gauge never {want}; {}",
+                appproxy_test_support::serving::tail(
+                    &std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default()
+                )
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(&a, dir_a.path(), 1.0, "the first node at start");
+    let b = common::start(
+        dir_b.path(),
+        &api::config(&extra, &format!("url = \"{}\"", pg.url())),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(leader_gauge(b.addr), 0.0, "the second node follows");
+    relay.hold(true);
+    wait_for(&b, dir_b.path(), 1.0, "the node that reaches the store");
+    wait_for(&a, dir_a.path(), 0.0, "the node cut off from the store");
+    let said = std::fs::read_to_string(dir_a.path().join("coordinator.log")).expect("log");
+    assert!(
+        said.contains("this node does not lead, and gives the lease up if it holds it"),
+        "{}",
+        appproxy_test_support::serving::tail(&said)
+    );
+    // It stays a follower while it is cut off: the other node keeps the lease.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(leader_gauge(b.addr), 1.0);
+    assert_eq!(leader_gauge(a.addr), 0.0);
+    relay.hold(false);
+}
+
+/// Every worker host may write to the coordinators' Redis (last-access marks), also
+/// with `[secrets] worker_key`: a value one wrote under the leader key, for days,
+/// was taken for another coordinator's lease, and no coordinator led — no
+/// worker-lost check, no idle collection — with nothing saying why (an outside
+/// tester's find). A value no coordinator of the cluster signed (any text, a lease
+/// signed with another secret), or a lease long past (copied back), is replaced
+/// with a warning, and a coordinator leads; a current lease of another
+/// coordinator, or one signed with the previous API secret of a rotation, is not.
+#[test]
+fn a_leader_key_no_coordinator_signed_is_replaced() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = common::start(
+        dir.path(),
+        &format!(
+            "[coordinator]\nbind = \"127.0.0.1:0\"\ncheck_worker_lost_interval_secs = 1\nleader_lease_secs = 10\n[secrets]\napi_secret = \"{SECRET}\"\napi_secret_previous = \"previous-secret\"\njwt_secret = \"jwt-key\"\n[database]\n{}\n[redis]\nurl = \"{}\"\n[logging]\nfilter = \"info\"\n",
+            Db::Sqlite.section(dir.path()),
+            redis.url()
+        ),
+    );
+    let leader = || leader_gauge(c.addr);
+    let wait_for = |want: f64, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while leader() != want {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: leader gauge never {want}; {}",
+                appproxy_test_support::serving::tail(
+                    &std::fs::read_to_string(dir.path().join("coordinator.log"))
+                        .unwrap_or_default()
+                )
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let set = |conn: &mut redis::Connection, value: &str| {
+        let _: () = redis::cmd("SET")
+            .arg("leader:appproxy:coordinator")
+            .arg(value)
+            .arg("PX")
+            .arg(100_000_000)
+            .query(conn)
+            .expect("set the key");
+    };
+    let other = "9b2f0a4e-1c3d-4e5f-8a7b-6c5d4e3f2a1b";
+    let signed_with = |secret: &str, until: u128| {
+        let signed = format!("{other}.{until}");
+        let key = appproxy_shared::secret::derived(secret, "appproxy coordinator leader lease");
+        format!(
+            "{signed}.{}",
+            appproxy_shared::secret::derived(&key, &signed)
+        )
+    };
+    let forged = [
+        ("any text", "rogue".to_owned()),
+        ("a node ID alone (the old form)", other.to_owned()),
+        (
+            "signed with another secret",
+            signed_with("a-guess", now_ms() + 10_000),
+        ),
+        ("a lease long past", lease_of(other, now_ms() - 60_000)),
+        ("a lease for days", lease_of(other, now_ms() + 86_400_000)),
+    ];
+    wait_for(1.0, "at start");
+    for (what, value) in &forged {
+        set(&mut conn, value);
+        // Replaced at the next pass: the node leads on (or leads again).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let held: String = redis::cmd("GET")
+                .arg("leader:appproxy:coordinator")
+                .query(&mut conn)
+                .expect("get");
+            if held != *value {
+                assert_eq!(
+                    held.split('.').count(),
+                    3,
+                    "{what}: replaced by a lease: {held}"
+                );
+                assert!(!held.starts_with(other), "{what}: {held}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{what}: never replaced");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        wait_for(1.0, what);
+    }
+    let warned = std::fs::read_to_string(dir.path().join("coordinator.log"))
+        .expect("log")
+        .matches("the leader key held no coordinator's lease")
+        .count();
+    assert_eq!(warned, forged.len(), "one warning per value replaced");
+    // Current leases of another coordinator are honoured, signed with the API
+    // secret or with the previous one.
+    for (what, value) in [
+        ("the API secret", lease_of(other, now_ms() + 10_000)),
+        (
+            "the previous secret",
+            signed_with("previous-secret", now_ms() + 10_000),
+        ),
+    ] {
+        set(&mut conn, &value);
+        wait_for(0.0, what);
+        let _: () = redis::cmd("DEL")
+            .arg("leader:appproxy:coordinator")
+            .query(&mut conn)
+            .expect("free the lease");
+        wait_for(1.0, what);
+    }
 }
 
 /// A node whose lease was taken over while its probes ran went on storing their
@@ -4970,7 +5319,10 @@ fn a_node_that_lost_its_lease_stores_no_route_health() {
     // Another node takes the lease; then the replica fails its probes.
     let _: () = redis::cmd("SET")
         .arg("leader:appproxy:coordinator")
-        .arg("another-node")
+        .arg(lease_of(
+            "9b2f0a4e-1c3d-4e5f-8a7b-6c5d4e3f2a1b",
+            now_ms() + 30_000,
+        ))
         .arg("PX")
         .arg(600_000)
         .query(&mut conn)
