@@ -742,6 +742,9 @@ fn interim_responses_reach_http2_clients() {
     let interim = seen.iter().filter(|s| *s == "103").count();
     assert!((1..=5).contains(&interim), "{interim} relayed: {out}");
     assert_eq!(seen.last().map(String::as_str), Some("502"), "{out}");
+    // Said as to an HTTP/1.1 client: HTTP/2 carries interim heads, the flood is
+    // what is refused (it said "interim response not relayable over HTTP/2").
+    assert!(out.contains("too many interim responses"), "{out}");
     // `expect: 100-continue`: the worker answers 100 once the request passed its
     // checks (nghttp holds its DATA until then), and the body reaches the app.
     let body = file_with(&[b'b'; 3000]);

@@ -571,14 +571,23 @@ fn push_escaped_char(line: &mut String, c: char) {
     }
 }
 
-/// Appends ` key=value`, quoting the value when it needs it.
+/// Appends ` key=value`, quoting the value when it needs it: empty, or holding a
+/// space of any kind (a no-break or ideographic one too: left bare, a client's
+/// path `/login\u{a0}ok\u{a0}200` read as `path=/login` and loose words, to a
+/// reader and to a parser splitting on Unicode whitespace; an outside tester's
+/// find), `=`, `"`, `\`, a control or a character that [hides text](hides_text).
 pub fn push_logfmt_pair(line: &mut String, key: &str, value: &str) {
     line.push(' ');
     line.push_str(key);
     line.push('=');
     let needs_quotes = value.is_empty()
         || value.chars().any(|c| {
-            c == ' ' || c == '=' || c == '"' || c == '\\' || c.is_control() || hides_text(c)
+            c.is_whitespace()
+                || c == '='
+                || c == '"'
+                || c == '\\'
+                || c.is_control()
+                || hides_text(c)
         });
     if !needs_quotes {
         line.push_str(value);
@@ -705,6 +714,18 @@ mod tests {
         let mut s = String::new();
         push_logfmt_pair(&mut s, "path", "/a\u{202e}txt.exe\u{9b}31m\u{2028}é");
         assert_eq!(s, " path=\"/a\\u202etxt.exe\\u009b31m\\u2028é\"");
+        // Every kind of space is quoted, not only the ASCII one.
+        for space in [
+            '\u{a0}', '\u{1680}', '\u{2003}', '\u{202f}', '\u{205f}', '\u{3000}',
+        ] {
+            let mut s = String::new();
+            push_logfmt_pair(&mut s, "path", &format!("/login{space}ok{space}200"));
+            assert_eq!(
+                s,
+                format!(" path=\"/login{space}ok{space}200\""),
+                "{space:?}"
+            );
+        }
     }
 
     #[test]

@@ -1081,9 +1081,22 @@ async fn forward_h1(
     let mut interim = 0;
     while (100..200).contains(&resp.status) {
         interim += 1;
-        if resp.status == 101 || interim > proxy::MAX_INTERIM {
+        if resp.status == 101 {
             return Err(Fail::Answer(ProxyError::UpstreamResponse(
-                ResponseError::Malformed("interim response not relayable over HTTP/2"),
+                ResponseError::Malformed(
+                    "a 101 (Switching Protocols) is not relayable over HTTP/2",
+                ),
+            )));
+        }
+        if interim > proxy::MAX_INTERIM {
+            // Said as the HTTP/1.1 path says it: HTTP/2 carries interim heads, a
+            // flood of them is what is refused.
+            tracing::warn!(
+                limit = proxy::MAX_INTERIM,
+                "too many interim responses; closing"
+            );
+            return Err(Fail::Answer(ProxyError::UpstreamResponse(
+                ResponseError::Malformed("too many interim responses"),
             )));
         }
         // Relayed as an informational HEADERS frame (103 Early Hints, 100 …), its
