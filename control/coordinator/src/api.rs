@@ -328,7 +328,7 @@ pub(super) struct BriefQuery {
 pub(super) async fn register_worker(
     Extract(state): Extract<Arc<State>>,
     Extension(caller): Extension<Caller>,
-    Params(q): Params<BriefQuery>,
+    WorkerParams(q): WorkerParams<BriefQuery>,
     Body(body): Body<Value>,
 ) -> Result<Response, ApiError> {
     // A worker's own credential first, for the authority the body names: a caller
@@ -337,6 +337,7 @@ pub(super) async fn register_worker(
         let named = body.get("authority").and_then(Value::as_str);
         caller.may_act_for(&state.config.secrets, named.unwrap_or_default())?;
     }
+    let q = q?;
     let registration = validate_worker(&body)?;
     caller.may_act_for(&state.config.secrets, &registration.authority)?;
     // The registration is stored as read: keys this version does not know are

@@ -79,7 +79,7 @@ pub(super) async fn step_down(state: &State) {
     cmd.arg(SCRIPT)
         .arg(1)
         .arg(LEADER_KEY)
-        .arg(LeaseValue::prefix(state.node_id));
+        .arg(format!("{}.", state.node_id));
     let released = super::bounded(cmd.query_async::<i64>(&mut conn)).await;
     state.metrics.observed.leader.store(0, Ordering::Relaxed);
     match released {
@@ -91,28 +91,32 @@ pub(super) async fn step_down(state: &State) {
     }
 }
 
-/// A lease as the leader key holds it: `{node}.{until}.{signature}` — the leading
-/// node's ID, when the value stops counting as a lease (Unix milliseconds), and
-/// HMAC-SHA256 of the two under a key derived from the API secret. Every worker
-/// host may write to this Redis (last-access marks), also with `[secrets]
-/// worker_key`, which takes the manager's rights away from it: a value it wrote
-/// under the key (any text, for days) was taken for a coordinator's lease, and no
-/// coordinator led — no worker-lost check, no idle collection, no health checks —
-/// with nothing saying why (an outside tester's find). A value no coordinator of
-/// this cluster signed, or one whose time is long past (a lease copied back), is
-/// no lease: it is replaced, with a warning. A lease copied while it is current
-/// names a coordinator that leads anyway.
+/// A lease as the leader key holds it: `{node}.{lease}.{signature}` — the leading
+/// node's ID, the lease it is held for (milliseconds), and HMAC-SHA256 of the two
+/// under a key derived from the API secret. Every worker host may write to this
+/// Redis (last-access marks), also with `[secrets] worker_key`, which takes the
+/// manager's rights away from it: a value it wrote under the key (any text, for
+/// days) was taken for a coordinator's lease, and no coordinator led — no
+/// worker-lost check, no idle collection, no health checks — with nothing saying
+/// why (an outside tester's find). A value no coordinator of this cluster signed, or
+/// one that outlives the lease it was signed for (a lease copied back with a longer
+/// expiry), is no lease: it is replaced, with a warning. No clock but Redis's
+/// expiry is read, so coordinators whose clocks differ agree on what is a lease,
+/// and a leader renews by moving the expiry alone (which a Redis refusing writes
+/// for want of memory still takes). A writer that keeps writing can still disturb
+/// the lease (rewrite it, delete it, copy a stopped leader's back every lease):
+/// worker hosts should reach Redis as an ACL user limited to their keys.
 struct LeaseValue;
 
-impl LeaseValue {
-    /// What begins every lease of `node`.
-    fn prefix(node: uuid::Uuid) -> String {
-        format!("{node}.")
-    }
+/// The longest value of the leader key read back (a lease is some 120 bytes): a
+/// longer one is no lease, replaced without being read, so a huge value costs no
+/// pass its transfer.
+const MAX_LEASE_LEN: usize = 192;
 
-    /// A lease of `node` until `until_ms`, signed with `secret`.
-    fn make(secret: &str, node: uuid::Uuid, until_ms: u64) -> String {
-        let signed = format!("{node}.{until_ms}");
+impl LeaseValue {
+    /// The lease of `node` held for `lease`, signed with `secret`.
+    fn make(secret: &str, node: uuid::Uuid, lease: Duration) -> String {
+        let signed = format!("{node}.{}", lease.as_millis());
         let signature = Self::signature(secret, &signed);
         format!("{signed}.{signature}")
     }
@@ -124,27 +128,34 @@ impl LeaseValue {
         appproxy_shared::secret::derived(&key, signed)
     }
 
-    /// Whether `value` is a lease signed with one of `secrets` (a rotation's
-    /// previous one too) whose time is within `lease` of `now_ms`: not past by more
-    /// (clocks of two nodes differ; Redis's expiry ends a lease first anyway), nor
-    /// further ahead than a lease made now would be.
+    /// Whether `value`, which expires in `pttl_ms` (Redis's `PTTL`: -1 none), is a
+    /// lease signed with one of `secrets` (a rotation's previous one too) that does
+    /// not outlive the lease it was signed for. An older coordinator's lease (its
+    /// bare ID, during a rolling upgrade) counts while it expires within `own`, this
+    /// node's lease: the older node leads on until it is upgraded.
     fn genuine<'a>(
-        value: &str,
+        value: &[u8],
+        pttl_ms: i64,
         secrets: impl Iterator<Item = &'a str>,
-        lease: Duration,
-        now_ms: u64,
+        own: Duration,
     ) -> bool {
+        let Ok(value) = std::str::from_utf8(value) else {
+            return false;
+        };
+        let expires = |within: u128| u128::try_from(pttl_ms).is_ok_and(|t| t <= within + 1_000);
+        if value.parse::<uuid::Uuid>().is_ok() {
+            return expires(own.as_millis());
+        }
         let Some((signed, signature)) = value.rsplit_once('.') else {
             return false;
         };
-        let Some((node, until)) = signed.split_once('.') else {
+        let Some((node, lease)) = signed.split_once('.') else {
             return false;
         };
-        let (Ok(_), Ok(until)) = (node.parse::<uuid::Uuid>(), until.parse::<u64>()) else {
+        let (Ok(_), Ok(lease)) = (node.parse::<uuid::Uuid>(), lease.parse::<u128>()) else {
             return false;
         };
-        let lease = lease.as_millis() as u64;
-        if until.saturating_add(lease) < now_ms || until > now_ms.saturating_add(2 * lease) {
+        if !expires(lease) {
             return false;
         }
         let mut genuine = false;
@@ -157,13 +168,6 @@ impl LeaseValue {
         }
         genuine
     }
-}
-
-/// Now, in Unix milliseconds.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Takes or renews the lease; true when this node leads.
@@ -184,76 +188,92 @@ async fn lead_once(state: &State) -> bool {
     if state.stopping.load(Ordering::SeqCst) {
         return false;
     }
+    let lease = lease(state);
     // A node that cannot reach the store can do none of a leader's jobs: it does
-    // not take the lease, and gives up one it holds, to a node that can. Before, a
+    // not take the lease, and gives up one it holds, to a node that can, once the
+    // store has failed it for half a lease (one slow call moves nothing). Before, a
     // leader cut off from the store (Redis still in reach) renewed its lease at
     // every pass, each failing: no worker-lost check, no idle collection, no health
     // checks in the whole cluster while other nodes stood by (an outside tester's
-    // find). When no node reaches the store, none leads, and nothing could be done.
-    if let Err(e) = state.store.ready().await {
-        tracing::warn!(error = %e, "the store is out of reach or takes no writes: this node does not lead, and gives the lease up if it holds it");
-        step_down(state).await;
-        return false;
-    }
-    let lease = lease(state);
-    let ours = LeaseValue::make(
-        &state.config.secrets.api_secret,
-        state.node_id,
-        now_ms() + lease.as_millis() as u64,
-    );
-    // Renew if ours, else take it if free or if it holds the value `ARGV[4]` (one
-    // found no lease) — one atomic script; otherwise answer what it holds. A key of
-    // another type (a hash another client wrote on a shared Redis) is no lease
-    // either: replaced (2: taken so), never a lasting WRONGTYPE that leaves the
-    // cluster without a leader. Ours is renewed signed anew; where Redis refuses the
-    // write (full, `noeviction`: it takes no SET, but an expiry moved), only its
-    // expiry is moved, so the leader goes on leading — its idle pass is the one that
-    // notices Redis refusing writes and holds collection off.
-    const SCRIPT: &str = "local v = redis.pcall('GET', KEYS[1])
-         local replaced = 0
-         if type(v) == 'table' and v.err then redis.call('DEL', KEYS[1]); v = false; replaced = 1 end
-         if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
-             local set = redis.pcall('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-             if type(set) == 'table' and set.err then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-             return {1, ''} end
-         if not v then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return {1 + replaced, ''} end
-         if v == ARGV[4] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return {3, ''} end
-         return {0, v}";
-    let run = |forged: &str| {
+    // find). When no node reaches the store, none leads; nothing could be done.
+    let asked = std::time::Instant::now();
+    let may_take = match state.store.can_lead().await {
+        Ok(()) => {
+            state.store_failing.lock().map(|mut f| f.take()).ok();
+            true
+        }
+        Err(e) => {
+            let since = state
+                .store_failing
+                .lock()
+                .map(|mut f| *f.get_or_insert(asked))
+                .unwrap_or(asked);
+            if since.elapsed() >= lease / 2 {
+                tracing::warn!(error = %e, "the store has been out of reach (or taking no writes) for half a lease: this node does not lead, and gives the lease up if it holds it");
+                step_down(state).await;
+                return false;
+            }
+            tracing::warn!(error = %e, "the store is out of reach or takes no writes: this node renews a lease it holds, and takes none");
+            false
+        }
+    };
+    let ours = LeaseValue::make(&state.config.secrets.api_secret, state.node_id, lease);
+    // One atomic script: renew if ours (the expiry moved), else take it if free (and
+    // `ARGV[4]`), or if it holds `ARGV[3]` (a value found no lease) — otherwise
+    // answer what it holds and when it expires. A key of another type (a hash another
+    // client wrote on a shared Redis) is no lease: replaced (2: taken so), never a
+    // lasting WRONGTYPE; nor is a value too long to be one (3), never read.
+    const SCRIPT: &str = "local t = redis.call('TYPE', KEYS[1])['ok']
+         local code = 1
+         if t ~= 'none' and t ~= 'string' then redis.call('UNLINK', KEYS[1]); t = 'none'; code = 2 end
+         if t == 'string' and redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[5]) then
+             if ARGV[4] ~= '1' then return {0, '', -1} end
+             redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return {3, '', 0} end
+         local v = redis.call('GET', KEYS[1])
+         if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return {1, '', 0} end
+         if ARGV[4] ~= '1' then return {0, '', 0} end
+         if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return {code, '', 0} end
+         if ARGV[3] ~= '' and v == ARGV[3] then
+             redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return {3, '', 0} end
+         return {0, v, redis.call('PTTL', KEYS[1])}";
+    let run = |judged: &[u8]| {
         let mut conn = conn.clone();
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(SCRIPT)
             .arg(1)
             .arg(LEADER_KEY)
-            .arg(LeaseValue::prefix(state.node_id))
             .arg(&ours)
             .arg(lease.as_millis() as u64)
-            .arg(forged);
-        async move { super::bounded(cmd.query_async::<(i64, String)>(&mut conn)).await }
+            .arg(judged)
+            .arg(if may_take { "1" } else { "0" })
+            .arg(MAX_LEASE_LEN);
+        async move { super::bounded(cmd.query_async::<(i64, Vec<u8>, i64)>(&mut conn)).await }
     };
-    let mut led = run("").await;
-    if let Ok((0, held)) = &led {
-        if !LeaseValue::genuine(held, state.config.secrets.api_secrets(), lease, now_ms()) {
+    let mut led = run(b"").await;
+    if let Ok((0, held, pttl)) = &led {
+        if !held.is_empty()
+            && !LeaseValue::genuine(held, *pttl, state.config.secrets.api_secrets(), lease)
+        {
             // Taken only while it still holds what was judged.
             led = run(held).await;
         }
     }
     match led {
-        Ok((2, _)) => {
+        Ok((2, ..)) => {
             tracing::warn!(
                 key = LEADER_KEY,
                 "the leader key held a value of another type (written by another client of this Redis); replaced, and this node leads"
             );
             true
         }
-        Ok((3, _)) => {
+        Ok((3, ..)) => {
             tracing::warn!(
                 key = LEADER_KEY,
-                "the leader key held no coordinator's lease (a value no coordinator of this cluster signed, or a lease long past: written by another client of this Redis); replaced, and this node leads"
+                "the leader key held no coordinator's lease (a value no coordinator of this cluster signed, or one kept past its lease: written by another client of this Redis); replaced, and this node leads"
             );
             true
         }
-        Ok((v, _)) => v == 1,
+        Ok((v, ..)) => v == 1,
         Err(e) => {
             tracing::warn!(error = %e, "leadership check failed; skipping this pass");
             false

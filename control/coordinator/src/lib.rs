@@ -163,6 +163,9 @@ pub struct State {
     /// This coordinator's own running, for the worker-lost check
     /// ([`jobs::Running`]).
     running: jobs::Running,
+    /// Since when the store has failed the leadership's check without a success
+    /// since (`jobs::lead`): a leader steps down once it has for half a lease.
+    store_failing: std::sync::Mutex<Option<std::time::Instant>>,
     /// The `[coordinator]` and `[secrets]` settings.
     pub config: CoordinatorConfig,
     /// Redis for events, leadership and last-access reads (`[redis] url`), if any.
@@ -1433,6 +1436,7 @@ impl Coordinator {
         let state = Arc::new(State {
             store,
             running: jobs::Running::default(),
+            store_failing: std::sync::Mutex::default(),
             config: config.clone(),
             redis,
             streams,

@@ -306,8 +306,25 @@ pub fn dns_label(name: &str) -> String {
     }
 }
 
-/// `base-xxxxxxxx`, still one label of at most 63 characters.
+/// `base-xxxxxxxx`, still one label of at most 63 characters. A punycoded base
+/// (`xn--…`) is suffixed in its own letters and punycoded again: a suffix appended
+/// to the encoding (or the encoding cut) is no encoding of anything.
 pub fn with_suffix(base: &str, suffix: &str) -> String {
+    if base.starts_with("xn--") {
+        let (unicode, decoded) = idna::domain_to_unicode(base);
+        if decoded.is_ok() {
+            let mut letters: Vec<char> = unicode.chars().collect();
+            // Letters dropped from the end until the label fits.
+            while !letters.is_empty() {
+                let name: String = letters.iter().collect();
+                let label = dns_label(&format!("{name}-{suffix}"));
+                if label.starts_with("xn--") {
+                    return label;
+                }
+                letters.pop();
+            }
+        }
+    }
     let keep = 63usize.saturating_sub(suffix.len() + 1);
     let head: String = base.chars().take(keep).collect();
     format!("{}-{suffix}", head.trim_end_matches('-'))
@@ -516,6 +533,22 @@ mod tests {
             assert_eq!(dns_label(name), label, "{name}");
         }
         assert_ne!(dns_label("日本語"), dns_label("中文模型"));
+        // Suffixed in its letters, punycoded again, within 63 characters.
+        assert_eq!(
+            with_suffix("xn--mnchen-3ya", "1a2b3c4d"),
+            dns_label("münchen-1a2b3c4d")
+        );
+        let long = dns_label(&"ü".repeat(20));
+        assert!(long.starts_with("xn--"), "{long}");
+        let suffixed = with_suffix(&long, "1a2b3c4d");
+        assert!(
+            suffixed.starts_with("xn--") && suffixed.len() <= 63,
+            "{suffixed}"
+        );
+        assert!(
+            idna::domain_to_unicode(&suffixed).0.ends_with("-1a2b3c4d"),
+            "{suffixed}"
+        );
         // Where IDNA gives no one label, they become `-` as before.
         assert_eq!(dns_label("a\u{3002}b"), "a-b", "an ideographic full stop");
         assert_eq!(dns_label(&"ü".repeat(60)), "app", "past 63 characters");

@@ -191,6 +191,14 @@ impl<'de> Deserialize<'de> for Flag {
                 }
             }
 
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Flag, E> {
+                if v == 0.0 || v == 1.0 {
+                    Ok(Flag(v == 1.0))
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+                }
+            }
+
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Flag, E> {
                 match v.to_ascii_lowercase().as_str() {
                     "1" | "on" | "t" | "true" | "y" | "yes" => Ok(Flag(true)),

@@ -1240,6 +1240,18 @@ fn a_workers_own_credential_acts_for_that_worker_only() {
             String::from_utf8_lossy(&r.body)
         );
     }
+    // A registration's bad query: 400 once the body names its worker, 401 for
+    // another's.
+    let r = request(
+        c.addr,
+        "PUT",
+        "/api/worker?brief=1",
+        &[as_w1],
+        api::INTERACTIVE_WORKER,
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let r = request(c.addr, "PUT", "/api/worker?brief=1", &[as_w1], &other);
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
     // With the token field's prefixes, as the API secret is taken.
     let prefixed = format!("BackendAI {cred}");
     let r = request(
@@ -4953,23 +4965,20 @@ fn leader_gauge(addr: SocketAddr) -> f64 {
         .expect("leader gauge")
 }
 
-/// A lease of coordinator `node` until `until_ms` (Unix milliseconds), signed with
-/// the API secret as a coordinator of the cluster signs it: `{node}.{until}.{hex
-/// HMAC-SHA256 under a key derived from the secret}`.
-fn lease_of(node: &str, until_ms: u128) -> String {
-    let signed = format!("{node}.{until_ms}");
-    let key = appproxy_shared::secret::derived(SECRET, "appproxy coordinator leader lease");
+/// A lease of coordinator `node` held for `lease_ms`, signed with the API secret as
+/// a coordinator of the cluster signs it: `{node}.{lease_ms}.{hex HMAC-SHA256 under
+/// a key derived from the secret}`.
+fn lease_of(node: &str, lease_ms: u64) -> String {
+    signed_lease(SECRET, node, lease_ms)
+}
+
+fn signed_lease(secret: &str, node: &str, lease_ms: u64) -> String {
+    let signed = format!("{node}.{lease_ms}");
+    let key = appproxy_shared::secret::derived(secret, "appproxy coordinator leader lease");
     format!(
         "{signed}.{}",
         appproxy_shared::secret::derived(&key, &signed)
     )
-}
-
-fn now_ms() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis()
 }
 
 /// With Redis, `appproxy_coordinator_leader` follows the lease: 1 once this node holds
@@ -4999,10 +5008,7 @@ fn leader_gauge_follows_the_redis_lease() {
     let mut conn = client.get_connection().expect("connection");
     let _: () = redis::cmd("SET")
         .arg("leader:appproxy:coordinator")
-        .arg(lease_of(
-            "9b2f0a4e-1c3d-4e5f-8a7b-6c5d4e3f2a1b",
-            now_ms() + 30_000,
-        ))
+        .arg(lease_of("9b2f0a4e-1c3d-4e5f-8a7b-6c5d4e3f2a1b", 600_000))
         .arg("PX")
         .arg(600_000)
         .query(&mut conn)
@@ -5129,7 +5135,8 @@ fn a_leader_that_cannot_reach_the_store_hands_its_lease_over() {
     wait_for(&a, dir_a.path(), 0.0, "the node cut off from the store");
     let said = std::fs::read_to_string(dir_a.path().join("coordinator.log")).expect("log");
     assert!(
-        said.contains("this node does not lead, and gives the lease up if it holds it"),
+        said.contains("this node does not lead, and gives the lease up if it holds it")
+            || said.contains("this node renews a lease it holds, and takes none"),
         "{}",
         appproxy_test_support::serving::tail(&said)
     );
@@ -5144,10 +5151,12 @@ fn a_leader_that_cannot_reach_the_store_hands_its_lease_over() {
 /// with `[secrets] worker_key`: a value one wrote under the leader key, for days,
 /// was taken for another coordinator's lease, and no coordinator led — no
 /// worker-lost check, no idle collection — with nothing saying why (an outside
-/// tester's find). A value no coordinator of the cluster signed (any text, a lease
-/// signed with another secret), or a lease long past (copied back), is replaced
-/// with a warning, and a coordinator leads; a current lease of another
-/// coordinator, or one signed with the previous API secret of a rotation, is not.
+/// tester's find). A value no coordinator of the cluster signed (any text, bytes
+/// that are no text, megabytes, a lease signed with another secret) or one kept past
+/// the lease it was signed for (copied back with a longer expiry) is replaced with
+/// a warning, and a coordinator leads; a lease of another coordinator signed with
+/// the API secret or the previous one of a rotation, or an older coordinator's bare
+/// ID expiring within a lease (a rolling upgrade), is honoured.
 #[test]
 fn a_leader_key_no_coordinator_signed_is_replaced() {
     let redis = appproxy_test_support::redis::Redis::start();
@@ -5177,45 +5186,48 @@ fn a_leader_key_no_coordinator_signed_is_replaced() {
             std::thread::sleep(Duration::from_millis(50));
         }
     };
-    let set = |conn: &mut redis::Connection, value: &str| {
+    let set = |conn: &mut redis::Connection, value: &[u8], px: u64| {
         let _: () = redis::cmd("SET")
             .arg("leader:appproxy:coordinator")
             .arg(value)
             .arg("PX")
-            .arg(100_000_000)
+            .arg(px)
             .query(conn)
             .expect("set the key");
     };
     let other = "9b2f0a4e-1c3d-4e5f-8a7b-6c5d4e3f2a1b";
-    let signed_with = |secret: &str, until: u128| {
-        let signed = format!("{other}.{until}");
-        let key = appproxy_shared::secret::derived(secret, "appproxy coordinator leader lease");
-        format!(
-            "{signed}.{}",
-            appproxy_shared::secret::derived(&key, &signed)
-        )
-    };
-    let forged = [
-        ("any text", "rogue".to_owned()),
-        ("a node ID alone (the old form)", other.to_owned()),
+    let forged: [(&str, Vec<u8>, u64); 6] = [
+        ("any text", b"rogue".to_vec(), 100_000_000),
+        ("bytes that are no text", b"\xff\xfe".to_vec(), 100_000_000),
+        ("megabytes", vec![b'a'; 10 << 20], 100_000_000),
         (
             "signed with another secret",
-            signed_with("a-guess", now_ms() + 10_000),
+            signed_lease("a-guess", other, 10_000).into_bytes(),
+            10_000,
         ),
-        ("a lease long past", lease_of(other, now_ms() - 60_000)),
-        ("a lease for days", lease_of(other, now_ms() + 86_400_000)),
+        (
+            "kept past its lease",
+            lease_of(other, 10_000).into_bytes(),
+            100_000_000,
+        ),
+        (
+            "a bare ID kept past a lease",
+            other.as_bytes().to_vec(),
+            100_000_000,
+        ),
     ];
     wait_for(1.0, "at start");
-    for (what, value) in &forged {
-        set(&mut conn, value);
+    for (what, value, px) in &forged {
+        set(&mut conn, value, *px);
         // Replaced at the next pass: the node leads on (or leads again).
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let held: String = redis::cmd("GET")
+            let held: Vec<u8> = redis::cmd("GET")
                 .arg("leader:appproxy:coordinator")
                 .query(&mut conn)
                 .expect("get");
             if held != *value {
+                let held = String::from_utf8(held).expect("a lease is text");
                 assert_eq!(
                     held.split('.').count(),
                     3,
@@ -5234,16 +5246,17 @@ fn a_leader_key_no_coordinator_signed_is_replaced() {
         .matches("the leader key held no coordinator's lease")
         .count();
     assert_eq!(warned, forged.len(), "one warning per value replaced");
-    // Current leases of another coordinator are honoured, signed with the API
-    // secret or with the previous one.
+    // Leases of another coordinator are honoured: signed with the API secret or
+    // with the previous one, or an older node's bare ID expiring within a lease.
     for (what, value) in [
-        ("the API secret", lease_of(other, now_ms() + 10_000)),
+        ("the API secret", lease_of(other, 8_000)),
         (
             "the previous secret",
-            signed_with("previous-secret", now_ms() + 10_000),
+            signed_lease("previous-secret", other, 8_000),
         ),
+        ("an older node's bare ID", other.to_owned()),
     ] {
-        set(&mut conn, &value);
+        set(&mut conn, value.as_bytes(), 8_000);
         wait_for(0.0, what);
         let _: () = redis::cmd("DEL")
             .arg("leader:appproxy:coordinator")
@@ -5319,10 +5332,7 @@ fn a_node_that_lost_its_lease_stores_no_route_health() {
     // Another node takes the lease; then the replica fails its probes.
     let _: () = redis::cmd("SET")
         .arg("leader:appproxy:coordinator")
-        .arg(lease_of(
-            "9b2f0a4e-1c3d-4e5f-8a7b-6c5d4e3f2a1b",
-            now_ms() + 30_000,
-        ))
+        .arg(lease_of("9b2f0a4e-1c3d-4e5f-8a7b-6c5d4e3f2a1b", 600_000))
         .arg("PX")
         .arg(600_000)
         .query(&mut conn)

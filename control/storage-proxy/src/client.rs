@@ -774,10 +774,10 @@ fn session(state: &State, q: &HashMap<String, String>) -> Result<Session, ApiErr
     // symlink an escape (400); one that cannot be opened (its mode taken away, a
     // failing volume) leaves the upload where it stands.
     let staging = super::manager::staging_dir(root.as_fd(), false).map_err(|e| {
-        if fsx::is_gone(&e) {
-            ApiError::NotFound
-        } else if fsx::is_escape(&e) {
+        if fsx::is_escape(&e) {
             e.into()
+        } else if fsx::is_gone(&e) {
+            ApiError::NotFound
         } else {
             unreachable_staged(e)
         }
@@ -831,7 +831,7 @@ fn staged(s: &Session) -> Result<u64, ApiError> {
 /// client takes for an upload that is gone for good: a volume read-only for a
 /// while failed every upload in progress (an outside tester's find).
 fn unreachable_staged(e: std::io::Error) -> ApiError {
-    tracing::warn!(error = %e, "the upload's staged file could not be reached");
+    // Logged once, as every 5xx answer is ("request failed", with this text).
     ApiError::Rejected {
         status: StatusCode::INTERNAL_SERVER_ERROR,
         message: format!(
@@ -1157,7 +1157,10 @@ impl Drop for GoneAfter<'_> {
         // The look is a system call a slow volume may hold: on the blocking pool.
         runtime.spawn_blocking(move || {
             let look = rustix::fs::statat(&staging, id.as_str(), AtFlags::SYMLINK_NOFOLLOW);
-            if look.err() != Some(rustix::io::Errno::NOENT) {
+            // Completed meanwhile (its rename landed after the first look: the
+            // request was dropped while its completion ran) is no upload gone.
+            if look.err() != Some(rustix::io::Errno::NOENT) || state.completed.size_of(&id).is_some()
+            {
                 return;
             }
             quota::release_staged(&state, &folder, &id);
@@ -1363,13 +1366,14 @@ async fn patch(
         }
         return Ok(patched(size));
     }
-    // Dropped after the lease (declared before it): see `GoneAfter`.
-    let _gone = GoneAfter {
+    // Dropped after the lease (declared before it), armed once the lease is this
+    // PATCH's: see `GoneAfter`.
+    let mut gone = GoneAfter {
         state,
         id: s.id.clone(),
         folder: s.folder_key.clone(),
         scope: s.scope_key.clone(),
-        staging: s.staging.try_clone().ok(),
+        staging: None,
     };
     let _lease = {
         let mut set = state
@@ -1386,6 +1390,7 @@ async fn patch(
             id: s.id.clone(),
         }
     };
+    gone.staging = s.staging.try_clone().ok();
     // Bytes of the staged file no reservation holds count in the folder's usage and
     // as the scope's committed bytes: a check that lets the reservation go (the
     // limit was removed) and bytes written without one (a scope without a limit)
@@ -1657,8 +1662,27 @@ async fn patch(
         // has a shell in the vfolder can append to it while a PATCH runs. Before, a
         // file of another size (10 MiB spliced in between two PATCH writes) was put
         // in place and answered 204, its declared size counted against the quota.
-        let on_disk = file.metadata()?.len();
+        let written = file.metadata()?;
+        let on_disk = written.len();
         drop(file);
+        // And the file the PATCH wrote must still be the one under the session's
+        // name: one replaced meanwhile (a directory, a symlink to `/etc`, another
+        // file, from a shell in the vfolder) was renamed into place instead, answered
+        // 204, the bytes written lost and counted (an outside verifier's find).
+        // Looked at just before the rename; a swap in between is the user's own
+        // upload, renamed within the vfolder.
+        let named = rustix::fs::statat(&s.staging, s.id.as_str(), AtFlags::SYMLINK_NOFOLLOW);
+        let same = named.as_ref().is_ok_and(|st| {
+            use std::os::unix::fs::MetadataExt as _;
+            st.st_dev == written.dev() && st.st_ino == written.ino()
+        });
+        if !same {
+            tracing::warn!(session = %s.id, "staged file replaced during the upload");
+            drop(discard(&st, &s, ApiError::Conflict("staged file replaced")));
+            return Err(ApiError::Conflict(
+                "the upload's staged file was replaced by someone else (a shell in the vfolder) while the upload ran; nothing was put in place, the upload was discarded and its reservation released",
+            ));
+        }
         if on_disk != s.size {
             tracing::warn!(session = %s.id, on_disk, declared = s.size, "staged file changed by someone else during the upload");
             drop(discard(&st, &s, ApiError::Conflict("staged file of another size")));

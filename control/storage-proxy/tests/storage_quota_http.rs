@@ -1338,6 +1338,61 @@ fn an_upload_whose_staged_file_goes_during_its_patch_lets_its_reservation_go() {
     }
 }
 
+/// A staged file replaced while its PATCH runs (from a shell in the vfolder: by a
+/// directory, a symlink out of the vfolder, another file) is never put in place:
+/// the PATCH that wrote the file now unnamed answers 409, nothing is at the
+/// destination, nothing outside the vfolder is touched (a symlink's target), and
+/// the reservation is released. Before, whatever had the session's
+/// name was renamed into place and answered 204, the bytes written lost and counted
+/// (an outside verifier's find).
+#[test]
+fn a_staged_file_replaced_during_its_patch_is_never_put_in_place() {
+    use std::io::Write as _;
+    let outside = tempfile::tempdir().expect("tempdir");
+    std::fs::write(outside.path().join("kept.txt"), b"outside").expect("outside file");
+    for swap in ["a directory", "a symlink out", "another file"] {
+        let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+        create_with_limit(&p, 10_000);
+        let r = upload_token(&p, "swapped.bin", 8_000);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let token = r.json()["token"].as_str().expect("token").to_owned();
+        let mut running = patch_begun(&p, &token, 8_000, 1_000);
+        let staging = p.vfolder_path().join(".upload");
+        let staged = std::fs::read_dir(&staging)
+            .expect("staging area")
+            .next()
+            .expect("a staged file")
+            .expect("entry")
+            .path();
+        std::fs::remove_file(&staged).expect("unlink");
+        match swap {
+            "a directory" => std::fs::create_dir(&staged).expect("dir"),
+            "a symlink out" => std::os::unix::fs::symlink(outside.path(), &staged).expect("link"),
+            _ => std::fs::write(&staged, b"someone else's").expect("file"),
+        }
+        running.write_all(&[7u8; 7_000]).expect("the rest");
+        let answer = String::from_utf8_lossy(&read_until_closed(&mut running)).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 409"), "{swap}: {answer}");
+        assert!(answer.contains("was replaced"), "{swap}: {answer}");
+        assert!(
+            std::fs::symlink_metadata(p.vfolder_path().join("swapped.bin")).is_err(),
+            "{swap}: something was put in place"
+        );
+        assert_eq!(
+            std::fs::read(outside.path().join("kept.txt")).expect("outside"),
+            b"outside"
+        );
+        assert_eq!(quota_scope(&p)["reserved_bytes"], 0, "{swap}");
+        let r = upload_token(&p, "b.bin", 10_000);
+        assert_eq!(
+            r.status,
+            200,
+            "{swap}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+}
+
 /// A limit set on a scope has its first check measure the scope again: what an
 /// upload wrote while the scope had none (no reservation held it) counts at once.
 /// Before, the check took the measurement made before those bytes, and a session

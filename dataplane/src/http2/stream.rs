@@ -1092,6 +1092,7 @@ async fn forward_h1(
             // Said as the HTTP/1.1 path says it: HTTP/2 carries interim heads, a
             // flood of them is what is refused.
             tracing::warn!(
+                upstream = %addr,
                 limit = proxy::MAX_INTERIM,
                 "too many interim responses; closing"
             );

@@ -1376,6 +1376,14 @@ impl Store {
         dispatch!(self, |s| s.ping(), |p| p.ping())
     }
 
+    /// Whether this node may lead on the store: it answers, and on PostgreSQL takes
+    /// writes (not a standby). On SQLite a round trip only: a store full to its cap
+    /// is made room in by the leader's own pruning, which a write probe failing would
+    /// hold off (the only coordinator of a SQLite store has no one to hand over to).
+    pub async fn can_lead(&self) -> Result<(), StoreError> {
+        dispatch!(self, |s| s.ping(), |p| p.writable())
+    }
+
     /// Whether the store answers and takes writes, for `/readyz`: a round trip, and
     /// on SQLite, after a write failed for want of storage (disk full, read-only,
     /// I/O error) and none has succeeded since, a write that needs room — not ready
