@@ -173,11 +173,19 @@ impl LeaseValue {
 /// Takes or renews the lease; true when this node leads.
 pub(super) async fn lead(state: &State) -> bool {
     let leads = lead_once(state).await;
-    state
+    let led = state
         .metrics
         .observed
         .leader
-        .store(u64::from(leads), Ordering::Relaxed);
+        .swap(u64::from(leads), Ordering::Relaxed);
+    // When this node began to lead (see `worker_lost_pass`).
+    if let Ok(mut since) = state.leading_since.lock() {
+        match (led, leads) {
+            (0, true) => *since = Some(std::time::Instant::now()),
+            (_, false) => *since = None,
+            _ => {}
+        }
+    }
     leads
 }
 
@@ -233,10 +241,12 @@ async fn lead_once(state: &State) -> bool {
          if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return {1, '', 0} end
          if ARGV[4] ~= '1' then return {0, '', 0} end
          if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return {code, '', 0} end
-         if ARGV[3] ~= '' and v == ARGV[3] then
+         if ARGV[6] == '1' and v == ARGV[3] then
              redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return {3, '', 0} end
-         return {0, v, redis.call('PTTL', KEYS[1])}";
-    let run = |judged: &[u8]| {
+         return {4, v, redis.call('PTTL', KEYS[1])}";
+    // `judged`: a value found no lease, to replace while the key still holds it (an
+    // empty one too: an empty value is no lease either, and was never judged).
+    let run = |judged: Option<&[u8]>| {
         let mut conn = conn.clone();
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(SCRIPT)
@@ -244,18 +254,18 @@ async fn lead_once(state: &State) -> bool {
             .arg(LEADER_KEY)
             .arg(&ours)
             .arg(lease.as_millis() as u64)
-            .arg(judged)
+            .arg(judged.unwrap_or_default())
             .arg(if may_take { "1" } else { "0" })
-            .arg(MAX_LEASE_LEN);
+            .arg(MAX_LEASE_LEN)
+            .arg(if judged.is_some() { "1" } else { "0" });
         async move { super::bounded(cmd.query_async::<(i64, Vec<u8>, i64)>(&mut conn)).await }
     };
-    let mut led = run(b"").await;
-    if let Ok((0, held, pttl)) = &led {
-        if !held.is_empty()
-            && !LeaseValue::genuine(held, *pttl, state.config.secrets.api_secrets(), lease)
-        {
+    let mut led = run(None).await;
+    // 4: held by another; judged here (the signature is checked in this process).
+    if let Ok((4, held, pttl)) = &led {
+        if !LeaseValue::genuine(held, *pttl, state.config.secrets.api_secrets(), lease) {
             // Taken only while it still holds what was judged.
-            led = run(held).await;
+            led = run(Some(held)).await;
         }
     }
     match led {
@@ -428,6 +438,25 @@ async fn worker_lost_pass(state: &State) {
             heartbeat_timeout_secs = timeout,
             "this coordinator did not run for part of the heartbeat timeout; the worker-lost check gives workers that much longer"
         );
+    }
+    // A node that began to lead within the timeout has not seen the heartbeats of a
+    // whole timeout: the store may have been out of reach for the node that led
+    // before (which then stepped down, its note of the outage with it), and every
+    // live worker would look lost to the new one (an outside verifier's find: after
+    // a PostgreSQL outage longer than the timeout, the node that took the lease as
+    // the store came back marked every worker lost). It waits the timeout first.
+    let leading = state
+        .leading_since
+        .lock()
+        .ok()
+        .and_then(|since| *since)
+        .map(|since| since.elapsed());
+    if leading.is_some_and(|l| l < Duration::from_secs(timeout)) {
+        tracing::debug!(
+            heartbeat_timeout_secs = timeout,
+            "this node began to lead within the heartbeat timeout; worker-lost check waits"
+        );
+        return;
     }
     let judged = timeout.saturating_add(excused.as_secs() + u64::from(excused.subsec_nanos() > 0));
     if let Some(ago) = crate::store::heartbeats_unstored_ago() {

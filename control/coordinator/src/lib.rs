@@ -166,6 +166,9 @@ pub struct State {
     /// Since when the store has failed the leadership's check without a success
     /// since (`jobs::lead`): a leader steps down once it has for half a lease.
     store_failing: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Since when this node leads without a break (`jobs::lead`): the worker-lost
+    /// check waits a heartbeat timeout from then.
+    leading_since: std::sync::Mutex<Option<std::time::Instant>>,
     /// The `[coordinator]` and `[secrets]` settings.
     pub config: CoordinatorConfig,
     /// Redis for events, leadership and last-access reads (`[redis] url`), if any.
@@ -1437,6 +1440,7 @@ impl Coordinator {
             store,
             running: jobs::Running::default(),
             store_failing: std::sync::Mutex::default(),
+            leading_since: std::sync::Mutex::default(),
             config: config.clone(),
             redis,
             streams,

@@ -5196,10 +5196,11 @@ fn a_leader_key_no_coordinator_signed_is_replaced() {
             .expect("set the key");
     };
     let other = "9b2f0a4e-1c3d-4e5f-8a7b-6c5d4e3f2a1b";
-    let forged: [(&str, Vec<u8>, u64); 6] = [
+    let forged: [(&str, Vec<u8>, u64); 7] = [
         ("any text", b"rogue".to_vec(), 100_000_000),
         ("bytes that are no text", b"\xff\xfe".to_vec(), 100_000_000),
         ("megabytes", vec![b'a'; 10 << 20], 100_000_000),
+        ("an empty value", Vec::new(), 100_000_000),
         (
             "signed with another secret",
             signed_lease("a-guess", other, 10_000).into_bytes(),
@@ -7569,6 +7570,75 @@ fn silent_workers_are_found_lost_after_the_clock_stepped_back(db: Db) {
         ),
         "ALIVE"
     );
+}
+
+/// A node that begins to lead waits a heartbeat timeout before it finds workers
+/// lost: it has not seen a whole timeout of heartbeats, and the node that led
+/// before may have stepped down for a store out of reach (its note that heartbeats
+/// could not be stored gone with it). Before, after a PostgreSQL outage longer than
+/// the timeout, the node that took the lease as the store came back marked every
+/// live worker lost (an outside verifier's find). Here the worker is silent for 6 s
+/// (a 4 s timeout) while another node's lease holds, and heartbeats again from
+/// 1.5 s after this node took the lease: never lost. A worker that stays silent is
+/// still found lost.
+#[test]
+fn a_node_that_begins_to_lead_waits_a_heartbeat_timeout_before_finding_workers_lost() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    let hold = |conn: &mut redis::Connection| {
+        let _: () = redis::cmd("SET")
+            .arg("leader:appproxy:coordinator")
+            .arg(lease_of("9b2f0a4e-1c3d-4e5f-8a7b-6c5d4e3f2a1b", 60_000))
+            .arg("PX")
+            .arg(60_000)
+            .query(conn)
+            .expect("another node's lease");
+    };
+    hold(&mut conn);
+    let db = Db::Sqlite;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_with(
+        dir.path(),
+        &db,
+        &format!(
+            "worker_heartbeat_timeout_secs = 4\ncheck_worker_lost_interval_secs = 1\n[redis]\nurl = \"{}\"",
+            redis.url()
+        ),
+    );
+    let body = r#"{"authority":"new-leader-1","frontend_mode":"port","protocol":"http","hostname":"h","api_port":10201,"port_range":[10205,10208]}"#;
+    let r = request(c.addr, "PUT", "/api/worker", &[AUTH], body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let heartbeat = || request(c.addr, "PATCH", &format!("/api/worker/{id}"), &[AUTH], "").status;
+    let lost = || lost_workers(dir.path(), &db);
+    assert_eq!(heartbeat(), 200);
+    // Silent for 6 s while the other node leads (it marks nothing here).
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(leader_gauge(c.addr), 0.0);
+    let _: () = redis::cmd("DEL")
+        .arg("leader:appproxy:coordinator")
+        .query(&mut conn)
+        .expect("the other node leaves");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while leader_gauge(c.addr) != 1.0 {
+        assert!(Instant::now() < deadline, "the node never took the lease");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..4 {
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < deadline {
+            assert_eq!(lost(), "0", "a worker that heartbeated was marked lost");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(heartbeat(), 200);
+    }
+    // The check still works: a worker that falls silent is lost.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lost() == "0" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(lost(), "1", "a silent worker was not found lost");
 }
 
 /// A store outage longer than the heartbeat timeout made every worker look lost once
