@@ -14,6 +14,7 @@ pub mod pg;
 pub mod prom;
 pub mod python;
 pub mod redis;
+pub mod relay;
 pub mod serving;
 pub mod stalled_stdout;
 

@@ -563,7 +563,7 @@ fn a_frozen_coordinator_holds_no_events_the_others_send() {
     let ack = "worker_ack_timeout_secs = 5.0";
     let (a, a_addr) = coordinator_on(&database, &redis.url(), ack);
     let (b, b_addr) = coordinator_on(&database, &redis.url(), ack);
-    let relay = common::Relay::start(a_addr);
+    let relay = appproxy_test_support::relay::Relay::start(a_addr);
     const PORTS: u16 = 8;
     let base = appproxy_test_support::free_range(PORTS);
     // The worker follows A (through the relay), polling often so that a poll is

@@ -4,14 +4,15 @@
 //! on by one when they timed out: two moves with two coordinators put it back on
 //! the frozen one, and the worker flapped between them for the whole freeze, its
 //! heartbeats 10 s apart or worse (a healthy worker taken for lost). A real
-//! coordinator (SQLite store, in this process) behind two relays (`common::Relay`) —
-//! one of which freezes — and a worker in this process.
+//! coordinator (SQLite store, in this process) behind two relays
+//! (`appproxy_test_support::relay::Relay`) — one of which freezes — and a worker
+//! in this process.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Relay;
+use appproxy_test_support::relay::Relay;
 
 #[test]
 fn a_worker_leaves_a_frozen_coordinator_for_good() {

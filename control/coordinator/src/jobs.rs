@@ -7,8 +7,8 @@
 //!
 //! With Redis, one coordinator of a cluster leads at a time: the key
 //! `leader:appproxy:coordinator` holds the leader's lease for 30 s — its node ID,
-//! the lease's end and a signature under the API secret ([`LeaseValue`]) — and is
-//! renewed each pass by a leader that can reach the store. Without Redis the
+//! the lease's length and a signature under the API secret ([`LeaseValue`]) — and
+//! is renewed each pass by a leader that can reach the store. Without Redis the
 //! coordinator is alone and leads.
 
 use std::sync::atomic::Ordering;
@@ -20,6 +20,13 @@ use appproxy_shared::{IdVersion, RequestId};
 use super::{access, State};
 
 const LEADER_KEY: &str = "leader:appproxy:coordinator";
+
+/// A Lua script run on the leader key, atomically; its arguments follow.
+fn on_leader_key(script: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script).arg(1).arg(LEADER_KEY);
+    cmd
+}
 
 /// The leadership lease, as configured (`[coordinator] leader_lease_secs`, at least
 /// 2 s, at most a day).
@@ -75,11 +82,8 @@ pub(super) async fn step_down(state: &State) {
              return redis.call('DEL', KEYS[1]) end
          return 0";
     let mut conn = conn.clone();
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(SCRIPT)
-        .arg(1)
-        .arg(LEADER_KEY)
-        .arg(format!("{}.", state.node_id));
+    let mut cmd = on_leader_key(SCRIPT);
+    cmd.arg(format!("{}.", state.node_id));
     let released = super::bounded(cmd.query_async::<i64>(&mut conn)).await;
     state.metrics.observed.leader.store(0, Ordering::Relaxed);
     match released {
@@ -205,23 +209,45 @@ async fn lead_once(state: &State) -> bool {
     // checks in the whole cluster while other nodes stood by (an outside tester's
     // find). When no node reaches the store, none leads; nothing could be done.
     let asked = std::time::Instant::now();
+    // Each change is logged once (a warning per pass of each job was some twenty
+    // a minute while the store stayed away); the passes between, at debug.
     let may_take = match state.store.can_lead().await {
         Ok(()) => {
-            state.store_failing.lock().map(|mut f| f.take()).ok();
+            let failing = state.store_failing.lock().map(|mut f| f.take());
+            if let Ok(Some((since, _))) = failing {
+                tracing::info!(
+                    failing_secs = since.elapsed().as_secs(),
+                    "the store is in reach and takes writes again: this node may lead"
+                );
+            }
             true
         }
         Err(e) => {
-            let since = state
-                .store_failing
-                .lock()
-                .map(|mut f| *f.get_or_insert(asked))
-                .unwrap_or(asked);
-            if since.elapsed() >= lease / 2 {
-                tracing::warn!(error = %e, "the store has been out of reach (or taking no writes) for half a lease: this node does not lead, and gives the lease up if it holds it");
+            let (first, half, tell) = {
+                let mut failing = state
+                    .store_failing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let first = failing.is_none();
+                let (since, told) = failing.get_or_insert((asked, false));
+                let half = since.elapsed() >= lease / 2;
+                let tell = half && !std::mem::replace(told, half);
+                (first, half, tell)
+            };
+            if half {
+                if tell {
+                    tracing::warn!(error = %e, "the store has been out of reach (or taking no writes) for half a lease: this node does not lead, and gives the lease up if it holds it");
+                } else {
+                    tracing::debug!(error = %e, "the store is still out of reach or takes no writes: this node does not lead");
+                }
                 step_down(state).await;
                 return false;
             }
-            tracing::warn!(error = %e, "the store is out of reach or takes no writes: this node renews a lease it holds, and takes none");
+            if first {
+                tracing::warn!(error = %e, "the store is out of reach or takes no writes: this node renews a lease it holds, and takes none");
+            } else {
+                tracing::debug!(error = %e, "the store is still out of reach or takes no writes");
+            }
             false
         }
     };
@@ -248,11 +274,8 @@ async fn lead_once(state: &State) -> bool {
     // empty one too: an empty value is no lease either, and was never judged).
     let run = |judged: Option<&[u8]>| {
         let mut conn = conn.clone();
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(SCRIPT)
-            .arg(1)
-            .arg(LEADER_KEY)
-            .arg(&ours)
+        let mut cmd = on_leader_key(SCRIPT);
+        cmd.arg(&ours)
             .arg(lease.as_millis() as u64)
             .arg(judged.unwrap_or_default())
             .arg(if may_take { "1" } else { "0" })

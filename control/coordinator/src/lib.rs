@@ -164,8 +164,9 @@ pub struct State {
     /// ([`jobs::Running`]).
     running: jobs::Running,
     /// Since when the store has failed the leadership's check without a success
-    /// since (`jobs::lead`): a leader steps down once it has for half a lease.
-    store_failing: std::sync::Mutex<Option<std::time::Instant>>,
+    /// since (`jobs::lead`), and whether the step-down that half a lease of it
+    /// brings was logged: a leader steps down once it has for half a lease.
+    store_failing: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
     /// Since when this node leads without a break (`jobs::lead`): the worker-lost
     /// check waits a heartbeat timeout from then.
     leading_since: std::sync::Mutex<Option<std::time::Instant>>,

@@ -282,7 +282,7 @@ pub fn dns_label(name: &str) -> String {
                 && !label.starts_with('-')
                 && !label.ends_with('-')
             {
-                return label;
+                return unreserved(label);
             }
         }
     }
@@ -302,8 +302,30 @@ pub fn dns_label(name: &str) -> String {
     if trimmed.is_empty() {
         "app".to_owned()
     } else {
-        trimmed.to_owned()
+        unreserved(trimmed.to_owned())
     }
+}
+
+/// `label`, unless it has hyphens in its third and fourth places: that form is
+/// reserved for encodings (RFC 5891 §4.2.3.1, "R-LDH"), and only an `xn--` label
+/// that is the punycode of a name (decoded and encoded again, the same) is kept;
+/// any other has the two folded into one (`xn--zz` is `xn-zz`, `ab--c` is `ab-c`).
+/// Before, a service name such as `xn--zz` became a subdomain no IDNA-aware client
+/// takes and no certificate authority issues for.
+fn unreserved(mut label: String) -> String {
+    if label.get(2..4) != Some("--") {
+        return label;
+    }
+    if label.starts_with("xn--") {
+        let (unicode, decoded) = idna::domain_to_unicode(&label);
+        if decoded.is_ok() && idna::domain_to_ascii(&unicode).is_ok_and(|a| a == label) {
+            return label;
+        }
+    }
+    while label.get(2..4) == Some("--") {
+        label.remove(3);
+    }
+    label
 }
 
 /// `base-xxxxxxxx`, still one label of at most 63 characters. A punycoded base
@@ -533,6 +555,22 @@ mod tests {
             assert_eq!(dns_label(name), label, "{name}");
         }
         assert_ne!(dns_label("日本語"), dns_label("中文模型"));
+        // Hyphens in the third and fourth places only for a genuine encoding.
+        for (name, label) in [
+            ("xn--mnchen-3ya", "xn--mnchen-3ya"),
+            ("XN--MNCHEN-3YA", "xn--mnchen-3ya"),
+            ("xn--zz", "xn-zz"),
+            ("xn--", "xn"),
+            ("ab--cd", "ab-cd"),
+            ("ab---cd", "ab-cd"),
+            ("ab_-cd", "ab-cd"),
+            ("a--b", "a--b"),
+            ("abc--d", "abc--d"),
+            // A character UTS 46 ignores leaves the plain letters to judge.
+            ("ab\u{ad}--cd", "ab-cd"),
+        ] {
+            assert_eq!(dns_label(name), label, "{name}");
+        }
         // Suffixed in its letters, punycoded again, within 63 characters.
         assert_eq!(
             with_suffix("xn--mnchen-3ya", "1a2b3c4d"),

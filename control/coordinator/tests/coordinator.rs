@@ -5021,63 +5021,6 @@ fn leader_gauge_follows_the_redis_lease() {
     wait_for(1.0);
 }
 
-/// A relay to `to` that stops passing bytes on while `held` (a stalled network
-/// path: connections stay open, nothing goes through) and passes them on again
-/// once released.
-struct HoldingRelay {
-    addr: SocketAddr,
-    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl HoldingRelay {
-    fn start(to: SocketAddr) -> Self {
-        use std::io::{Read as _, Write as _};
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
-        let addr = listener.local_addr().expect("relay addr");
-        let held = std::sync::Arc::new(AtomicBool::new(false));
-        let h = held.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { return };
-                let Ok(server) = TcpStream::connect(to) else {
-                    continue;
-                };
-                for (mut from, mut into) in [
-                    (
-                        client.try_clone().expect("clone"),
-                        server.try_clone().expect("clone"),
-                    ),
-                    (server, client),
-                ] {
-                    let held = h.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = vec![0u8; 65536];
-                        loop {
-                            let n = match from.read(&mut buf) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => n,
-                            };
-                            while held.load(Ordering::SeqCst) {
-                                std::thread::sleep(Duration::from_millis(20));
-                            }
-                            if into.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = into.shutdown(std::net::Shutdown::Write);
-                    });
-                }
-            }
-        });
-        Self { addr, held }
-    }
-
-    fn hold(&self, held: bool) {
-        self.held.store(held, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
 /// A leader cut off from the store (its path to PostgreSQL stalled) while Redis
 /// stays in reach gives the lease up, and a coordinator that reaches the store
 /// leads. Before, it renewed the lease at every pass, each failing: no worker-lost
@@ -5087,14 +5030,9 @@ impl HoldingRelay {
 fn a_leader_that_cannot_reach_the_store_hands_its_lease_over() {
     let pg = appproxy_test_support::pg::Pg::start();
     let redis = appproxy_test_support::redis::Redis::start();
-    let port: u16 = pg
-        .url()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .expect("port");
-    let relay = HoldingRelay::start(SocketAddr::from(([127, 0, 0, 1], port)));
+    let port = pg.port;
+    let relay =
+        appproxy_test_support::relay::Relay::start(SocketAddr::from(([127, 0, 0, 1], port)));
     let extra = format!(
         "check_worker_lost_interval_secs = 1\nleader_lease_secs = 5\n[redis]\nurl = \"{}\"",
         redis.url()
@@ -5130,7 +5068,7 @@ fn a_leader_that_cannot_reach_the_store_hands_its_lease_over() {
     );
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(leader_gauge(b.addr), 0.0, "the second node follows");
-    relay.hold(true);
+    relay.freeze(true);
     wait_for(&b, dir_b.path(), 1.0, "the node that reaches the store");
     wait_for(&a, dir_a.path(), 0.0, "the node cut off from the store");
     let said = std::fs::read_to_string(dir_a.path().join("coordinator.log")).expect("log");
@@ -5144,7 +5082,30 @@ fn a_leader_that_cannot_reach_the_store_hands_its_lease_over() {
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(leader_gauge(b.addr), 1.0);
     assert_eq!(leader_gauge(a.addr), 0.0);
-    relay.hold(false);
+    // Each change said once, not at every pass of every job (some twenty a minute).
+    let said = std::fs::read_to_string(dir_a.path().join("coordinator.log")).expect("log");
+    let tail = appproxy_test_support::serving::tail(&said);
+    assert_eq!(
+        said.matches("gives the lease up if it holds it").count(),
+        1,
+        "{tail}"
+    );
+    assert!(said.matches("takes none").count() <= 1, "{tail}");
+    relay.freeze(false);
+    // A hang guard, not a timing assertion: its store back, it says so.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let said = std::fs::read_to_string(dir_a.path().join("coordinator.log")).expect("log");
+        if said.contains("the store is in reach and takes writes again") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            appproxy_test_support::serving::tail(&said)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Every worker host may write to the coordinators' Redis (last-access marks), also
@@ -7096,13 +7057,7 @@ fn a_held_insert_stores_nothing(pg: appproxy_test_support::pg::Pg) {
     let Db::Postgres(pg) = &db else {
         unreachable!()
     };
-    let port: u16 = pg
-        .url()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .expect("port");
+    let port = pg.port;
     // Held past the caller's answer (5 s) and the withdrawal's second try (5 s later).
     let relay = StallingRelay::start(
         SocketAddr::from(([127, 0, 0, 1], port)),
@@ -7219,13 +7174,7 @@ fn a_removal_answered_503_is_never_made_after_its_answer() {
         ),
     ] {
         let pg = appproxy_test_support::pg::Pg::start();
-        let port: u16 = pg
-            .url()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.split('/').next())
-            .and_then(|p| p.parse().ok())
-            .expect("port");
+        let port = pg.port;
         if let Some((style, zone)) = zone {
             pg.psql(
                 "appproxy",
@@ -7332,13 +7281,7 @@ fn a_removal_answered_503_is_never_made_after_its_answer() {
 fn a_route_update_answered_503_is_never_stored_after_its_answer() {
     use std::sync::atomic::Ordering;
     let pg = appproxy_test_support::pg::Pg::start();
-    let port: u16 = pg
-        .url()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .expect("port");
+    let port = pg.port;
     let db = Db::Postgres(pg);
     let relay = StallingRelay::start(
         SocketAddr::from(([127, 0, 0, 1], port)),

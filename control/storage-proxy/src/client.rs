@@ -1121,7 +1121,8 @@ async fn tus_patch(
 
 /// However a PATCH ends, once it has let its session go: a staged file found gone
 /// then (its vfolder deleted, or the file removed from a shell, while the PATCH
-/// ran) lets the session's reservation go, by the rule the expired-upload cleanup
+/// ran or before it), or something that is no file in its place (a directory, a
+/// symlink, a FIFO put there from a shell), lets the session's reservation go, by the rule the expired-upload cleanup
 /// follows ([`quota::release_staged`]: no PATCH of it running). Before, the
 /// deletion's release passed over the session its PATCH held, the PATCH failed
 /// (404), and the reservation held the scope's room until the token expired, an
@@ -1157,10 +1158,15 @@ impl Drop for GoneAfter<'_> {
         // The look is a system call a slow volume may hold: on the blocking pool.
         runtime.spawn_blocking(move || {
             let look = rustix::fs::statat(&staging, id.as_str(), AtFlags::SYMLINK_NOFOLLOW);
+            // Something that is no file in its place (a directory, a symlink, a
+            // FIFO) ends the upload as its absence does: no PATCH opens it.
+            let gone = match look {
+                Err(e) => e == rustix::io::Errno::NOENT,
+                Ok(st) => FileType::from_raw_mode(st.st_mode) != FileType::RegularFile,
+            };
             // Completed meanwhile (its rename landed after the first look: the
             // request was dropped while its completion ran) is no upload gone.
-            if look.err() != Some(rustix::io::Errno::NOENT) || state.completed.size_of(&id).is_some()
-            {
+            if !gone || state.completed.size_of(&id).is_some() {
                 return;
             }
             quota::release_staged(&state, &folder, &id);
@@ -1207,12 +1213,15 @@ impl Unheld<'_> {
 /// An `Upload-Offset` value: a non-negative integer (tus 1.0), digits only — no
 /// sign, which Rust's integer parsing would take — around optional whitespace
 /// (HTTP's own, which a field value never keeps).
-fn tus_offset(v: &str) -> Option<u64> {
+fn tus_offset(v: &str) -> Result<u64, ApiError> {
     let v = v.trim_matches([' ', '\t']);
     if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
+        return Err(ApiError::Params(
+            "Upload-Offset must be a number of bytes in decimal digits".into(),
+        ));
     }
-    v.parse().ok()
+    v.parse()
+        .map_err(|_| ApiError::Params("Upload-Offset is out of range".into()))
 }
 
 /// The most bytes of a tus PATCH body gathered before they are written: one write
@@ -1344,9 +1353,7 @@ async fn patch(
     };
     let offset: u64 = match headers.get("upload-offset") {
         None => return Err(ApiError::Params("Upload-Offset is required".into())),
-        Some(v) => v.to_str().ok().and_then(tus_offset).ok_or_else(|| {
-            ApiError::Params("Upload-Offset must be a number of bytes in decimal digits".into())
-        })?,
+        Some(v) => tus_offset(v.to_str().unwrap_or_default())?,
     };
     // A session completed lately takes nothing more: a PATCH at its end (a client
     // that lost the last answer, asking again) is answered as that one was; one

@@ -477,6 +477,18 @@ impl ApiError {
             // A resolution that met a rename or mount on every try (`fsx::openat2`),
             // a file busy: worth another try in a moment, not the caller's error.
             Self::Io(e) if transient(e) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            // The volume full or its quota spent, whatever the request wrote (a
+            // limit's file, a directory, a copy): no fault of the caller's, worth
+            // another try once there is room — as an upload's write says it. Before,
+            // every request but an upload was told 400, as if it were wrong.
+            Self::Io(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                ) =>
+            {
+                (StatusCode::INSUFFICIENT_STORAGE, "insufficient-storage")
+            }
             Self::Io(_) => (StatusCode::BAD_REQUEST, "filesystem-error"),
             Self::Archive(_) => (StatusCode::INTERNAL_SERVER_ERROR, "archive-failed"),
             Self::FolderUnavailable(_) => {

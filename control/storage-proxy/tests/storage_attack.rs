@@ -3065,6 +3065,20 @@ fn a_write_that_fails_mid_body_keeps_and_counts_what_landed() {
         assert!(message.contains(&said), "{said:?} not in {message:?}");
     }
 
+    // Any other write the full volume refuses is said so too (507, the system's
+    // words and errno kept), not a 400 that blames the caller.
+    let mut limited = scope.clone();
+    limited["options"] = serde_json::json!({"limit_bytes": 1 << 30});
+    let r = p.manager("/quota-scope", limited, None);
+    assert_eq!(r.status, 507, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "insufficient-storage");
+    assert_eq!(
+        r.json()["errno"],
+        28,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+
     // Room again: the upload resumes from HEAD's offset to the exact file.
     std::fs::remove_file(&ballast).expect("the ballast away");
     let r = p.tus_patch(&token, &kept.to_string(), &data[kept..]);

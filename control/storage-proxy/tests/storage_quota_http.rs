@@ -37,6 +37,13 @@ fn upload_token(p: &Proxy, relpath: &str, size: usize) -> appproxy_test_support:
     )
 }
 
+/// An upload session's token, its reservation taken.
+fn session(p: &Proxy, relpath: &str, size: usize) -> String {
+    let r = upload_token(p, relpath, size);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["token"].as_str().expect("token").to_owned()
+}
+
 fn patch(p: &Proxy, token: &str, offset: usize, data: &[u8]) -> appproxy_test_support::http::Resp {
     request(
         p.client,
@@ -516,9 +523,7 @@ fn usage_written_behind_the_proxys_back_counts_once_the_measurement_is_older_tha
     let p = Proxy::start("quota_usage_max_age_secs = 3\n");
     create_with_limit(&p, 10_000);
     let measured_after = Instant::now();
-    let r = upload_token(&p, "a.bin", 1_000);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let a = r.json()["token"].as_str().expect("token").to_owned();
+    let a = session(&p, "a.bin", 1_000);
     let measured = walks(&p);
     std::fs::write(p.vfolder_path().join("outside.bin"), vec![0u8; 9_500]).expect("file");
     // Within the bound the measurement (0 bytes committed) stands.
@@ -715,9 +720,7 @@ fn bytes_written_into_the_staging_area_count_against_the_quota() {
     assert_eq!(quota_scope(&p)["used_bytes"], 7_000);
     assert_eq!(folder_used_bytes(&p), 7_000);
     // Exactly the room left still goes through, whole.
-    let r = upload_token(&p, "b.bin", 3_000);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let token = session(&p, "b.bin", 3_000);
     assert_eq!(patch(&p, &token, 0, &[2u8; 3_000]).status, 204);
     let q = quota_scope(&p);
     assert_eq!(
@@ -735,9 +738,7 @@ fn a_live_upload_is_counted_once_beside_bytes_hidden_in_staging() {
     let p = Proxy::start("quota_usage_max_age_secs = 0\n");
     create_with_limit(&p, 10_000);
     // A session of 4 000 bytes, 1 500 of them staged.
-    let r = upload_token(&p, "a.bin", 4_000);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let a = r.json()["token"].as_str().expect("token").to_owned();
+    let a = session(&p, "a.bin", 4_000);
     assert_eq!(patch(&p, &a, 0, &[1u8; 1_500]).status, 204);
     std::fs::write(
         p.vfolder_path().join(".upload/hidden.bin"),
@@ -755,9 +756,7 @@ fn a_live_upload_is_counted_once_beside_bytes_hidden_in_staging() {
         "a live upload's staged file is not in it"
     );
     assert_eq!(upload_token(&p, "b.bin", 4_001).status, 413);
-    let r = upload_token(&p, "b.bin", 4_000);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let b = r.json()["token"].as_str().expect("token").to_owned();
+    let b = session(&p, "b.bin", 4_000);
     // Both finish, each check measuring the scope again: exactly full.
     assert_eq!(patch(&p, &b, 0, &[2u8; 4_000]).status, 204);
     assert_eq!(patch(&p, &a, 1_500, &[1u8; 2_500]).status, 204);
@@ -778,9 +777,7 @@ fn a_live_upload_is_counted_once_beside_bytes_hidden_in_staging() {
 fn a_live_upload_is_reported_once_as_reserved() {
     let p = Proxy::start("quota_usage_max_age_secs = 0\n");
     create_with_limit(&p, 100);
-    let r = upload_token(&p, "a.bin", 61);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let a = r.json()["token"].as_str().expect("token").to_owned();
+    let a = session(&p, "a.bin", 61);
     assert_eq!(patch(&p, &a, 0, &[1u8; 60]).status, 204);
     let q = quota_scope(&p);
     assert_eq!(
@@ -815,9 +812,7 @@ fn a_live_upload_is_reported_once_as_reserved() {
 fn a_session_resumed_after_a_restart_is_not_counted_twice() {
     let mut p = Proxy::start("quota_usage_max_age_secs = 3600\n");
     create_with_limit(&p, 10_000);
-    let r = upload_token(&p, "a.bin", 10_000);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let a = r.json()["token"].as_str().expect("token").to_owned();
+    let a = session(&p, "a.bin", 10_000);
     assert_eq!(patch(&p, &a, 0, &[1u8; 6_000]).status, 204);
     p.restart();
     // No reservation now: the staged bytes are committed ones.
@@ -1249,9 +1244,7 @@ fn a_clone_keeps_a_sparse_files_holes() {
 fn deleting_a_vfolder_frees_the_reservations_of_its_uploads() {
     let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
     create_with_limit(&p, 10_000);
-    let r = upload_token(&p, "a.bin", 8_000);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let token = session(&p, "a.bin", 8_000);
     assert_eq!(patch(&p, &token, 0, &[1u8; 1_000]).status, 204);
     assert_eq!(quota_scope(&p)["reserved_bytes"], 8_000);
     let r = p.manager(
@@ -1286,9 +1279,7 @@ fn an_upload_whose_staged_file_goes_during_its_patch_lets_its_reservation_go() {
     for how in ["the vfolder deleted", "the staged file removed"] {
         let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
         create_with_limit(&p, 10_000);
-        let r = upload_token(&p, "a.bin", 8_000);
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let token = r.json()["token"].as_str().expect("token").to_owned();
+        let token = session(&p, "a.bin", 8_000);
         let mut running = patch_begun(&p, &token, 8_000, 1_000);
         assert_eq!(quota_scope(&p)["reserved_bytes"], 8_000, "{how}");
         if how == "the vfolder deleted" {
@@ -1338,6 +1329,78 @@ fn an_upload_whose_staged_file_goes_during_its_patch_lets_its_reservation_go() {
     }
 }
 
+/// A staged file replaced between PATCHes by something that is no file (from a
+/// shell in the vfolder: a directory, a symlink out of the vfolder, a FIFO) ends
+/// the upload: the next PATCH is told 404, touches nothing, and lets the
+/// reservation go, as a staged file removed does. Before, the reservation held the
+/// scope's room until the token expired (an outside verifier's find).
+#[test]
+fn an_upload_whose_staged_file_is_replaced_by_no_file_lets_its_reservation_go() {
+    let outside = tempfile::tempdir().expect("tempdir");
+    for swap in ["a directory", "a symlink out", "a FIFO"] {
+        let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
+        create_with_limit(&p, 10_000);
+        let token = session(&p, "a.bin", 8_000);
+        assert_eq!(patch(&p, &token, 0, &[1u8; 1_000]).status, 204);
+        let staged = std::fs::read_dir(p.vfolder_path().join(".upload"))
+            .expect("staging area")
+            .next()
+            .expect("a staged file")
+            .expect("entry")
+            .path();
+        std::fs::remove_file(&staged).expect("unlink");
+        match swap {
+            "a directory" => std::fs::create_dir(&staged).expect("dir"),
+            "a symlink out" => std::os::unix::fs::symlink(outside.path(), &staged).expect("link"),
+            _ => rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &staged,
+                rustix::fs::FileType::Fifo,
+                rustix::fs::Mode::from_raw_mode(0o644),
+                0,
+            )
+            .expect("mkfifo"),
+        }
+        assert_eq!(quota_scope(&p)["reserved_bytes"], 8_000, "{swap}");
+        let r = patch(&p, &token, 1_000, &[1u8; 1_000]);
+        assert_eq!(
+            r.status,
+            404,
+            "{swap}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        // A hang guard, not a timing assertion: the look runs as the PATCH ends.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while quota_scope(&p)["reserved_bytes"] != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{swap}: still reserved {}; {}",
+                quota_scope(&p),
+                p.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(
+            std::fs::symlink_metadata(&staged).is_ok(),
+            "{swap}: removed"
+        );
+        assert_eq!(
+            std::fs::read_dir(outside.path()).expect("outside").count(),
+            0,
+            "{swap}: written through"
+        );
+        // Room the released 8,000 held (what is in the staged file's place, a
+        // symlink's few bytes, counts as the user's).
+        let r = upload_token(&p, "b.bin", 9_000);
+        assert_eq!(
+            r.status,
+            200,
+            "{swap}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+}
+
 /// A staged file replaced while its PATCH runs (from a shell in the vfolder: by a
 /// directory, a symlink out of the vfolder, another file) is never put in place:
 /// the PATCH that wrote the file now unnamed answers 409, nothing is at the
@@ -1353,9 +1416,7 @@ fn a_staged_file_replaced_during_its_patch_is_never_put_in_place() {
     for swap in ["a directory", "a symlink out", "another file"] {
         let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
         create_with_limit(&p, 10_000);
-        let r = upload_token(&p, "swapped.bin", 8_000);
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let token = r.json()["token"].as_str().expect("token").to_owned();
+        let token = session(&p, "swapped.bin", 8_000);
         let mut running = patch_begun(&p, &token, 8_000, 1_000);
         let staging = p.vfolder_path().join(".upload");
         let staged = std::fs::read_dir(&staging)
@@ -1402,9 +1463,7 @@ fn a_limit_set_counts_what_uploads_wrote_while_there_was_none() {
     let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
     create_folder(&p);
     assert_eq!(quota_scope(&p)["used_bytes"], 0);
-    let r = upload_token(&p, "a.bin", 1_000);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let a = r.json()["token"].as_str().expect("token").to_owned();
+    let a = session(&p, "a.bin", 1_000);
     assert_eq!(patch(&p, &a, 0, &[1u8; 900]).status, 204);
     set_limit(&p, 1_000);
     let r = upload_token(&p, "b.bin", 500);
@@ -1429,9 +1488,7 @@ fn bytes_a_patch_writes_without_a_reservation_show_in_the_scope_report_at_once()
     let p = Proxy::start("quota_usage_max_age_secs = 3600\n");
     create_folder(&p);
     assert_eq!(quota_scope(&p)["used_bytes"], 0);
-    let r = upload_token(&p, "a.bin", 1_000);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let a = r.json()["token"].as_str().expect("token").to_owned();
+    let a = session(&p, "a.bin", 1_000);
     for (offset, used) in [(0, 300), (300, 600)] {
         assert_eq!(patch(&p, &a, offset, &[1u8; 300]).status, 204);
         let q = quota_scope(&p);
@@ -1473,9 +1530,7 @@ fn a_file_named_after_a_live_session_elsewhere_never_releases_its_reservation() 
         None,
     );
     assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
-    let r = upload_token(&p, "a.bin", 1_000);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let token = session(&p, "a.bin", 1_000);
     let session = std::fs::read_dir(p.vfolder_path().join(".upload"))
         .expect("staging")
         .flatten()
@@ -1553,9 +1608,7 @@ fn a_reservation_is_let_go_once_its_token_has_expired() {
         "session_expire_secs = 3\nupload_expire_secs = 3600\ncleanup_interval_secs = 1\n",
     );
     create_with_limit(&p, 1_000);
-    let r = upload_token(&p, "a.bin", 800);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let token = session(&p, "a.bin", 800);
     assert_eq!(patch(&p, &token, 0, &[1u8; 100]).status, 204);
     assert_eq!(quota_scope(&p)["reserved_bytes"], 800);
     assert_eq!(
@@ -1588,9 +1641,7 @@ fn a_patch_never_outlives_its_token() {
         "session_expire_secs = 3\nstall_timeout_secs = 5\nmin_body_rate = 0\nupload_expire_secs = 3600\ncleanup_interval_secs = 1\n",
     );
     create_with_limit(&p, 1_000);
-    let r = upload_token(&p, "a.bin", 900);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let token = session(&p, "a.bin", 900);
     // A byte a second, to 900 bytes: 15 minutes, were the PATCH not cut.
     let (r, sent) = p.trickled_patch(&token, 900, std::time::Duration::from_secs(1));
     assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
@@ -1746,11 +1797,7 @@ fn deleting_a_vfolder_releases_only_the_reservations_of_its_own_uploads() {
         None,
     );
     assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
-    let token = |relpath: &str, size: usize| {
-        let r = upload_token(&p, relpath, size);
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        r.json()["token"].as_str().expect("token").to_owned()
-    };
+    let token = |relpath: &str, size: usize| session(&p, relpath, size);
     let busy = token("busy.bin", 600);
     let idle = token("idle.bin", 400);
     let sessions: Vec<std::ffi::OsString> = std::fs::read_dir(p.vfolder_path().join(".upload"))
