@@ -683,11 +683,12 @@ pub(crate) async fn or_refusal_while<F: Future>(
 /// whether they begin an answer that ends the request: past any interim heads (an
 /// unsolicited 100, a 103), a final head that is no success (3xx–5xx: the app
 /// refuses the body, 413 or 401, or sends the client elsewhere, and will not read
-/// on), bytes that are no HTTP/1 response at all, or a head the app's stream ended
-/// in the middle of. `false`: a successful head (the app may read the body still:
-/// it goes on, and the answer is read after it), interim heads past what is peeked
-/// at, the end of its stream before any byte, or an error (what the relay meets
-/// next tells). Nothing is taken (a peek): the heads are read after, whole. Raw
+/// on), bytes that are no HTTP/1 response at all, a head the app's stream ended
+/// in the middle of, or a successful head followed by the end of the app's stream
+/// (waited for). `false`: a successful head whose stream did not end (the app may
+/// read the body still: it goes on, and the answer is read after it), interim heads
+/// past what is peeked at, the end of its stream before any byte, or an error (what
+/// the relay meets next tells). Nothing is taken (a peek): the heads are read after, whole. Raw
 /// bytes: for plaintext apps only.
 pub async fn app_refused(app: &TcpConn) -> bool {
     // Room for the status line after a few interim heads.
@@ -698,7 +699,17 @@ pub async fn app_refused(app: &TcpConn) -> bool {
             Ok(n) => n,
         };
         match refusal_in(&seen[..n]) {
-            Some(refused) => return refused,
+            Some(true) => return true,
+            // A success: the app may read on, unless it ends its stream — then its
+            // answer is all it will say and the body can never reach it: it ends the
+            // request as a refusal does. Its end is waited for on the read edges,
+            // the socket's readiness left for the answer's read. Before, a client
+            // that waited for the answer before sending more got nothing until the
+            // body timeout, then a 408 (an outside tester's find).
+            Some(false) => {
+                app.gone(Gone::Ended).await;
+                return app.peer_ended();
+            }
             // A head the app ended its stream in the middle of is an answer that
             // ends the request too (a broken one: read, it is a 502). Checked
             // before peeking again: once the end is seen, a peek returns the same

@@ -1416,6 +1416,44 @@ fn an_app_refusing_a_body_it_leaves_unread_is_answered_at_once() {
     assert!(r.text().starts_with("honest /after "), "{}", r.text());
 }
 
+/// A success an app answers before it has the whole body, its connection then
+/// closed: that answer is all it will say, and the body can no longer reach it. It
+/// is relayed at once, the client's connection closed after it (the rest of the
+/// body unread). Before, it was held while the body went on: a client waiting for
+/// the answer before it sent more got a 408 at the body timeout instead (an
+/// outside tester's find).
+#[test]
+fn a_success_answered_early_by_an_app_that_then_closes_is_relayed_at_once() {
+    let app = App::start(move |method, path| match path {
+        "/early-200-close" => vec![
+            send("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly"),
+            Step::Close,
+        ],
+        _ => honest(path, method),
+    });
+    // Before, each request below was a 408 once this passed.
+    let w = Worker::start(WorkerOpts {
+        upstreams: vec![app.addr],
+        extra: "[timeouts]\nbody_idle_secs = 3\n".into(),
+        ..Default::default()
+    });
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(w.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        s.write_all(b"POST /early-200-close HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n")
+            .expect("head");
+        s.write_all(&[b'u'; 10]).expect("first bytes");
+        let (got, end) = read_to_end(&mut s);
+        let got = String::from_utf8_lossy(&got).into_owned();
+        assert_eq!(end, None, "the answer ends cleanly: {got}");
+        assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+        assert!(got.ends_with("\r\n\r\nearly"), "{got}");
+    }
+    let r = Client::connect(w.addr()).get("/after", "");
+    assert!(r.text().starts_with("honest /after "), "{}", r.text());
+}
+
 /// An app that answers a success before it has the whole body and then stops
 /// reading has its answer relayed once the body's write stalls for
 /// `body_idle_secs`; one that stops reading without answering gets the client a 504

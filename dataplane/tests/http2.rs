@@ -930,6 +930,10 @@ fn an_http2_stream_refused_early_by_an_http1_app_is_answered_at_once() {
                 b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsaved"
             } else if line.contains("/early-silent") {
                 b""
+            } else if line.contains("/early-close") {
+                // Answered, then closed: the body can never reach it.
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly");
+                continue;
             } else {
                 b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!"
             };
@@ -978,6 +982,17 @@ fn an_http2_stream_refused_early_by_an_http1_app_is_answered_at_once() {
         2,
         "one app connection each"
     );
+
+    // A success, the app's connection then closed: its answer is all it will say,
+    // relayed at once (before: a 408 at the body timeout).
+    let block = request("POST", "/early-close", &[(b"content-length", b"100000")]);
+    s.write_all(&frame(HEADERS, END_HEADERS, 3, &block))
+        .expect("headers");
+    s.write_all(&frame(DATA, 0, 3, &[b'u'; 10]))
+        .expect("first bytes");
+    let (head, body) = stream_answer(&mut s, 3);
+    assert_eq!(head, Some(200));
+    assert_eq!(body, b"early");
 
     // A success answered early by an app that then stops reading is relayed once
     // the body's write stalls for `body_idle_secs`; an app that stops reading

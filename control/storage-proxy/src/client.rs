@@ -598,9 +598,14 @@ async fn download_archive(
         return Err(ApiError::Params("files: the vfolder itself".into()));
     }
     let permit = archive_slot(&state, peer.ip()).await?;
+    // Its last component only: a name holding `/` or `..` (a token another
+    // issuer made) is never offered to a client that may keep the path (RFC 6266
+    // §4.3 asks the sender not to).
     let filename = c
         .get("filename")
         .and_then(|v| v.as_str())
+        .and_then(|n| n.rsplit(['/', '\\']).next())
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
         .map_or_else(|| "archive.zip".to_owned(), str::to_owned);
     // Every listed path must be a file or a directory now (404 before anything is
     // streamed), and none in the staging area (400, a token made before this rule

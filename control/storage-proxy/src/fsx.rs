@@ -564,14 +564,25 @@ pub struct Parent {
     pub name: OsString,
 }
 
+/// A path naming the vfolder itself where an entry in it is meant (a rename, a
+/// move, a delete of `.`): the caller's mistake, a 400 `invalid-api-params`. Before,
+/// it was told `filesystem-error` with no `errno` (an outside tester's find).
+#[derive(Debug)]
+pub struct VfolderItself;
+
+impl std::fmt::Display for VfolderItself {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the path names the vfolder itself, not an entry in it")
+    }
+}
+
+impl std::error::Error for VfolderItself {}
+
 /// Opens the parent of `parts` beneath `root`; the last component itself is not
 /// resolved, so operations on it act on a symlink, never through it.
 pub fn parent(root: BorrowedFd<'_>, parts: &[OsString]) -> io::Result<Parent> {
     let Some((name, dirs)) = parts.split_last() else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "the vfolder itself",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, VfolderItself));
     };
     Ok(Parent {
         dir: open_dir(root, dirs)?,
@@ -2255,7 +2266,8 @@ fn usage_capped(
 
 /// Copies the regular files and directories under `src` into `dst` (symlinks are
 /// neither followed nor copied); `skip` names top-level entries left out. Calls
-/// `on_dir` for every directory copied. Returns the files and the bytes copied.
+/// `progress` after every file (`false`) and directory (`true`) copied: its error
+/// stops the copy (a stop of the proxy). Returns the files and the bytes copied.
 ///
 /// At most `budget` bytes are copied in all, in apparent size (a hole counts, as
 /// the quota counts it): what was measured (and reserved) before the copy. A source
@@ -2270,12 +2282,12 @@ pub fn copy_tree(
     dst: BorrowedFd<'_>,
     skip: &[&str],
     budget: u64,
-    on_dir: &mut dyn FnMut(),
+    progress: &mut dyn FnMut(bool) -> io::Result<()>,
 ) -> io::Result<(u64, u64)> {
     struct Copy<'a, 'b> {
         to: Trail<'a>,
         skip: &'b [&'b str],
-        on_dir: &'b mut dyn FnMut(),
+        progress: &'b mut dyn FnMut(bool) -> io::Result<()>,
         budget: u64,
         files: u64,
         bytes: u64,
@@ -2323,6 +2335,7 @@ pub fn copy_tree(
                         }
                     }
                     self.files += 1;
+                    (self.progress)(false)?;
                     Ok(false)
                 }
                 _ => Ok(false),
@@ -2338,21 +2351,21 @@ pub fn copy_tree(
             self.to.push(sub)
         }
         fn leave(&mut self, _: BorrowedFd<'_>, _: &OsStr) -> io::Result<()> {
-            (self.on_dir)();
-            self.to.pop()
+            self.to.pop()?;
+            (self.progress)(true)
         }
     }
     let mut c = Copy {
         to: Trail::new(dst),
         skip,
-        on_dir,
+        progress,
         budget,
         files: 0,
         bytes: 0,
         buf: Vec::new(),
     };
     walk(src, &mut c)?;
-    (c.on_dir)();
+    (c.progress)(true)?;
     Ok((c.files, c.bytes))
 }
 
@@ -3997,7 +4010,7 @@ mod tests {
                 fd(dst.path()).as_fd(),
                 &[],
                 budget,
-                &mut || {},
+                &mut |_| Ok(()),
             );
             let copy = std::fs::metadata(dst.path().join("big")).expect("copy");
             assert!(copy.len() <= budget, "{} past {budget}", copy.len());

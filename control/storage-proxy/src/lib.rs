@@ -96,6 +96,27 @@ pub struct State {
     pub folders: usage::Folders,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
+    /// Set once the proxy is stopping: background tasks end as cancelled (their
+    /// event published) and a clone's copy stops ([`State::stopping`]).
+    pub stop: tokio::sync::watch::Sender<bool>,
+    /// Destinations of clones running in this process (their vfolder paths): a
+    /// second clone to one is refused at once.
+    pub cloning: Mutex<HashSet<PathBuf>>,
+}
+
+impl State {
+    /// Whether the proxy is stopping.
+    pub fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Resolves once the proxy is stopping.
+    pub async fn stopped(&self) {
+        let mut rx = self.stop.subscribe();
+        if rx.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// The most archive downloads that may stream at once, whatever the config says:
@@ -375,6 +396,8 @@ impl From<std::io::Error> for ApiError {
             Self::Path(PathError::Escape)
         } else if e.kind() == std::io::ErrorKind::FileTooLarge {
             Self::FileTooLarge(file_too_large(&e))
+        } else if let Some(itself) = fsx::carried::<fsx::VfolderItself>(&e) {
+            Self::Params(itself.to_string())
         } else if fsx::carried::<fsx::StillFilled>(&e).is_some() {
             // A recursive delete of a directory refilled as fast as it is emptied
             // (see `fsx::StillFilled`): 503 `busy`, worth another try later.
@@ -923,6 +946,8 @@ pub fn state_with_events(
         reservations: quota::Reservations::default(),
         folders: usage::Folders::default(),
         metrics: Metrics::default(),
+        stop: tokio::sync::watch::Sender::new(false),
+        cloning: Mutex::new(HashSet::new()),
     }))
 }
 
@@ -1020,12 +1045,31 @@ pub async fn serve(
         Duration::from_secs(config.storage.cleanup_interval_secs.max(1)),
     ));
     shutdown.await;
+    // Background tasks end as cancelled, their events published while the APIs
+    // drain; a clone's copy stops at its next directory.
+    state.stop.send_replace(true);
     let _ = tx.send(true);
     cleanup.abort();
     let _ = m.await;
     let _ = c.await;
+    // Each task's event goes out within Redis's bound (two tries): waited for, no
+    // longer than that.
+    let reported = tokio::time::Instant::now() + BGTASKS_REPORT;
+    while state
+        .metrics
+        .observed
+        .bgtasks_running
+        .load(std::sync::atomic::Ordering::Relaxed)
+        > 0
+        && tokio::time::Instant::now() < reported
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok(addrs)
 }
+
+/// How long a stop waits for background tasks to report their cancellation.
+const BGTASKS_REPORT: Duration = Duration::from_secs(5);
 
 /// Removes staging files of uploads idle past their lifetime; each pass under its own
 /// request ID.
@@ -1105,7 +1149,9 @@ pub fn remove_expired_uploads(state: &State) -> usize {
                     continue;
                 };
                 let at = at.join(&e.name);
-                if depth == 3 {
+                if depth == 3 && manager::is_clone_temp(&e.name) {
+                    sweep_clone(state, dir.as_fd(), &e.name, &key);
+                } else if depth == 3 {
                     // A vfolder: its staging area is opened beneath it by name, no
                     // symlink on the way. The vfolder's own entries (as many as its
                     // user makes, each held in memory by a listing at every pass)
@@ -1150,6 +1196,46 @@ pub const LOGGED_REMOVALS: usize = 16;
 /// A pass holds one directory buffer, however many entries there are. `logged`
 /// counts the removals of the pass logged one by one, at most
 /// [`LOGGED_REMOVALS`]; the rest are in the staging area's summary line.
+/// Removes a clone's copy (`name` in `parent`, see `manager::is_clone_temp`) left
+/// by a clone cut off — the process killed, the host down: one no clone of this
+/// process copies into, untouched for `manager::CLONE_LEFT` (a running clone of any
+/// process sharing the volume touches its copy every minute). The scope `key` is
+/// measured again.
+fn sweep_clone(
+    state: &State,
+    parent: std::os::fd::BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    key: &std::path::Path,
+) {
+    use rustix::fs::{AtFlags, FileType};
+    let Ok(st) = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) else {
+        return;
+    };
+    if FileType::from_raw_mode(st.st_mode) != FileType::Directory
+        || state.reservations.is_pending((st.st_dev, st.st_ino))
+    {
+        return;
+    }
+    let mtime =
+        std::time::UNIX_EPOCH + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32);
+    if !mtime.elapsed().is_ok_and(|age| age > manager::CLONE_LEFT) {
+        return;
+    }
+    match fsx::remove_tree(parent, name) {
+        Ok(entries) => tracing::info!(
+            copy = %name.to_string_lossy(),
+            entries,
+            "a clone's copy left by a clone cut off removed"
+        ),
+        Err(e) => tracing::warn!(
+            copy = %name.to_string_lossy(),
+            error = %e,
+            "a clone's copy left by a clone cut off not wholly removed"
+        ),
+    }
+    state.reservations.removed(key);
+}
+
 fn remove_expired_in(
     state: &State,
     staging: std::io::Result<std::os::fd::OwnedFd>,

@@ -167,13 +167,10 @@ async fn create(
             .split_last()
             .ok_or_else(|| ApiError::Params("empty vfid".into()))?;
         let parent = fsx::mkdirs(root, parents, fsx::STRICT)?;
-        let mode = Mode::from_raw_mode(mode.unwrap_or(0o755) & 0o7777);
-        match rustix::fs::mkdirat(&parent, name.as_os_str(), mode) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-            Err(e) => return Err(e.into()),
-        }
-        // A directory, reached without a symlink.
-        fsx::mkdirs(root, &parts, fsx::STRICT)?;
+        // The scope's limit first: a limit that cannot be written (the volume
+        // full) fails the creation before the vfolder is there. Before, the
+        // vfolder was made first and stayed, unlimited, after the failure, and an
+        // upload of any size into it was granted (an outside tester's find).
         if let (Some(limit), Some(name)) = (limit, scope_name) {
             let scope = fsx::child_dir(root, std::ffi::OsStr::new(&name))?;
             if quota::limit(scope.as_fd()).is_none() {
@@ -181,6 +178,13 @@ async fn create(
                 limit_set(&st, &key);
             }
         }
+        let mode = Mode::from_raw_mode(mode.unwrap_or(0o755) & 0o7777);
+        match rustix::fs::mkdirat(&parent, name.as_os_str(), mode) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // A directory, reached without a symlink.
+        fsx::mkdirs(root, &parts, fsx::STRICT)?;
         Ok(())
     })
     .await?;
@@ -342,8 +346,28 @@ where
             json!({"task_id": id, "message": format!("{name} started")}),
         )
         .await;
-        match job.await {
-            Ok(n) => {
+        let outcome = tokio::select! {
+            biased;
+            r = job => Some(r),
+            () = state.stopped() => None,
+        };
+        match outcome {
+            // Stopped before it ended: told so, as the original's task manager tells
+            // a task cancelled at its shutdown. A delete left part way is finished
+            // by a delete again; a clone left part way was never in place (see
+            // `start_clone`). Before, nothing was told, and the runtime waited for
+            // the task's blocking work, however long (an outside tester's find).
+            None => {
+                tracing::warn!(bgtask_id = %id, task = name, "bgtask cancelled: the storage-proxy is stopping");
+                finished(&state, name, "cancelled");
+                super::emit(
+                    &state,
+                    "bgtask_cancelled",
+                    json!({"task_id": id, "message": format!("{name}: cancelled, the storage-proxy stopped before it ended")}),
+                )
+                .await;
+            }
+            Some(Ok(n)) => {
                 tracing::info!(bgtask_id = %id, task = name, items = n, "bgtask done");
                 finished(&state, name, "done");
                 super::emit(
@@ -353,7 +377,7 @@ where
                 )
                 .await;
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::warn!(bgtask_id = %id, task = name, error = %e, "bgtask failed");
                 finished(&state, name, "failed");
                 super::emit(
@@ -509,6 +533,9 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
         Err(ApiError::Path(PathError::NoFolder)) => {}
         Err(e) => return Err(e),
     }
+    // Claimed in this process at once: a second clone to it is refused, never left
+    // to find the first's copy in place at its end.
+    let claim = CloneClaim::take(&state, state.volumes.folder(&dst_volume, &r.dst_vfid)?)?;
     // The destination scope must have room for the source: reserved while copying.
     let key = state.volumes.scope_of(&dst_volume, &r.dst_vfid)?;
     let key2 = key.clone();
@@ -545,21 +572,27 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
     )
     .await?;
     let dst = {
-        let (st, volume) = (state.clone(), dst_volume.clone());
+        let (st, volume, holder) = (state.clone(), dst_volume.clone(), holder.clone());
         blocking(move || {
             let root = st.volumes.root_fd(&volume)?;
             let (name, parents) = dst_parts.split_last().ok_or(PathError::NoFolder)?;
             let parent = fsx::mkdirs(root, parents, fsx::STRICT)?;
-            // Made here, never found: a destination made since it was looked up (a
-            // second clone to it) is neither copied into nor removed by this one.
-            match rustix::fs::mkdirat(&parent, name.as_os_str(), Mode::from_raw_mode(0o755)) {
-                Ok(()) => {}
-                Err(rustix::io::Errno::EXIST) => {
-                    return Err(ApiError::Params("destination vfolder exists".into()))
-                }
+            match rustix::fs::statat(&parent, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(_) => return Err(ApiError::Params("destination vfolder exists".into())),
+                Err(rustix::io::Errno::NOENT) => {}
                 Err(e) => return Err(std::io::Error::from(e).into()),
             }
-            let dst = fsx::child_dir(parent.as_fd(), name)?;
+            // The copy is made under a name of its own beside the destination and
+            // put in place whole (see `Made::place`): a clone cut off — the
+            // process killed, the host down — leaves no vfolder half copied, only
+            // that hidden directory, which the cleanup removes (`sweep_clone`).
+            // Before, the copy was made in place: a clone killed part way left a
+            // vfolder of part of the files, served and counted as any other, and a
+            // clone to it again was refused (an outside tester's find).
+            let temp = clone_temp_name(name, &holder);
+            rustix::fs::mkdirat(&parent, temp.as_os_str(), Mode::from_raw_mode(0o755))
+                .map_err(std::io::Error::from)?;
+            let dst = fsx::child_dir(parent.as_fd(), &temp)?;
             // Its bytes are held by the reservation until the copy ends.
             let id = rustix::fs::fstat(&dst).map(|s| (s.st_dev, s.st_ino))?;
             st.reservations.pend(id);
@@ -567,7 +600,8 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
                 src,
                 Made {
                     parent,
-                    name: name.clone(),
+                    name: temp,
+                    dest: name.clone(),
                     id,
                 },
                 dst,
@@ -581,13 +615,31 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
         &state,
         "clone_vfolder",
         job(move || {
+            let _claim = claim;
             let (src, made, dst) = dst;
+            let mut touched = std::time::Instant::now();
             // No more than was measured and reserved is copied (see `fsx::copy_tree`).
-            let copied = fsx::copy_tree(src.as_fd(), dst.as_fd(), &[STAGING], size, &mut || {
-                tracing::debug!("directory cloned");
+            let copied = fsx::copy_tree(src.as_fd(), dst.as_fd(), &[STAGING], size, &mut |dir| {
+                // A stop ends the copy at the next entry (the task is told
+                // cancelled meanwhile, see `bgtask`).
+                if st.stopping() {
+                    return Err(std::io::Error::other("the storage-proxy is stopping"));
+                }
+                // Seen running by the cleanup of any process sharing the volume.
+                if touched.elapsed() >= CLONE_TOUCH {
+                    touched = std::time::Instant::now();
+                    touch(dst.as_fd());
+                }
+                if dir {
+                    tracing::debug!("directory cloned");
+                }
+                Ok(())
             });
-            // A clone is whole or not there: a copy that stopped part way is
-            // removed, so no half vfolder is left holding the scope's room.
+            // A clone is whole or not there: put in place only whole, and only
+            // where nothing is; a copy that stopped part way (or found its
+            // destination made meanwhile) is removed, so no half vfolder is left
+            // holding the scope's room.
+            let copied = copied.and_then(|c| made.place().map(|()| c));
             if let Err(e) = &copied {
                 made.remove(e);
             }
@@ -609,16 +661,136 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
     ))
 }
 
-/// The directory a clone made for its copy: by name in its parent, and which
-/// directory it is.
+/// The directory a clone made for its copy: by name in its parent, the name it is
+/// to have once whole, and which directory it is.
 struct Made {
     parent: OwnedFd,
+    /// Its name while the copy is made ([`clone_temp_name`]).
     name: OsString,
+    /// The destination vfolder's name, in the same parent.
+    dest: OsString,
     /// Its device and inode.
     id: (u64, u64),
 }
 
+/// How often a running clone touches its copy's directory: the cleanup of any
+/// process sharing the volume takes a copy untouched for [`CLONE_LEFT`] for one
+/// left by a clone cut off.
+const CLONE_TOUCH: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long a clone's copy may go untouched before the cleanup removes it as left
+/// by a clone cut off (the process killed, the host down): far beyond
+/// [`CLONE_TOUCH`], so that one clone's copy of a single huge directory is never
+/// taken for it.
+pub const CLONE_LEFT: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+/// The name a clone's copy has until it is whole: beside the destination, hidden,
+/// with the clone's holder (`clone-<32 hex>`):
+/// `.<destination>.clone-<32 hex>`.
+fn clone_temp_name(dest: &std::ffi::OsStr, holder: &str) -> OsString {
+    let mut name = OsString::from(".");
+    name.push(dest);
+    name.push(".");
+    name.push(holder);
+    name
+}
+
+/// Whether `name` is a clone's copy not yet whole ([`clone_temp_name`]).
+pub fn is_clone_temp(name: &std::ffi::OsStr) -> bool {
+    let b = name.as_bytes();
+    let Some(at) = b.windows(7).rposition(|w| w == b".clone-") else {
+        return false;
+    };
+    let hex = &b[at + 7..];
+    b.first() == Some(&b'.') && at > 1 && hex.len() == 32 && hex.iter().all(u8::is_ascii_hexdigit)
+}
+
+/// Sets a directory's times to now (a failure only leaves them older).
+fn touch(dir: BorrowedFd<'_>) {
+    let now = rustix::fs::Timespec {
+        tv_sec: 0,
+        tv_nsec: rustix::fs::UTIME_NOW,
+    };
+    let _ = rustix::fs::futimens(
+        dir,
+        &rustix::fs::Timestamps {
+            last_access: now,
+            last_modification: now,
+        },
+    );
+}
+
+/// A clone's destination claimed in this process ([`State::cloning`]) while it
+/// runs.
+struct CloneClaim {
+    state: Arc<State>,
+    dest: std::path::PathBuf,
+}
+
+impl CloneClaim {
+    fn take(state: &Arc<State>, dest: std::path::PathBuf) -> Result<Self, ApiError> {
+        let mut cloning = state
+            .cloning
+            .lock()
+            .map_err(|_| ApiError::Conflict("clone state unavailable"))?;
+        if !cloning.insert(dest.clone()) {
+            return Err(ApiError::Params("destination vfolder exists".into()));
+        }
+        Ok(Self {
+            state: state.clone(),
+            dest,
+        })
+    }
+}
+
+impl Drop for CloneClaim {
+    fn drop(&mut self) {
+        let mut cloning = self.state.cloning.lock().unwrap_or_else(|p| p.into_inner());
+        cloning.remove(&self.dest);
+    }
+}
+
 impl Made {
+    /// Puts the whole copy in place under the destination's name, never over
+    /// anything there (a vfolder made meanwhile, by another process sharing the
+    /// volume: the clone fails).
+    fn place(&self) -> std::io::Result<()> {
+        match rustix::fs::renameat_with(
+            &self.parent,
+            self.name.as_os_str(),
+            &self.parent,
+            self.dest.as_os_str(),
+            rustix::fs::RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::EXIST) => Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the destination vfolder was made while the clone ran",
+            )),
+            // A filesystem without `RENAME_NOREPLACE`: looked at, then renamed.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+                match rustix::fs::statat(
+                    &self.parent,
+                    self.dest.as_os_str(),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                ) {
+                    Err(rustix::io::Errno::NOENT) => Ok(rustix::fs::renameat(
+                        &self.parent,
+                        self.name.as_os_str(),
+                        &self.parent,
+                        self.dest.as_os_str(),
+                    )?),
+                    Ok(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        "the destination vfolder was made while the clone ran",
+                    )),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Removes the copy that stopped with `cause`, when its name still holds the
     /// directory made for it; what cannot be removed is logged (the scope is
     /// measured again either way).
@@ -1598,10 +1770,30 @@ async fn create_session(state: Arc<State>, r: UploadReq) -> Result<Json<Value>, 
     Ok(Json(json!({"token": token})))
 }
 
+/// `POST /folder/file/download`'s body: a path in a vfolder, and the original's
+/// `unmanaged_path`, which names a host path outside any vfolder.
+#[derive(Deserialize)]
+struct DownloadReq {
+    volume: String,
+    vfid: String,
+    #[serde(default = "WirePath::dot")]
+    relpath: WirePath,
+    #[serde(default)]
+    unmanaged_path: Option<String>,
+}
+
 async fn download_token(
     Extract(state): Extract<Arc<State>>,
-    ApiJson(r): ApiJson<PathReq>,
+    ApiJson(r): ApiJson<DownloadReq>,
 ) -> Result<Json<Value>, ApiError> {
+    // A host path outside any vfolder is never served. Before, the field was
+    // passed over and the token served `relpath` instead, with a 200: the caller
+    // got other content than it asked for (an outside tester's find).
+    if r.unmanaged_path.is_some() {
+        return Err(ApiError::Params(
+            "unmanaged_path is not served: a download names a file in its vfolder (relpath)".into(),
+        ));
+    }
     let root = state.volumes.open_folder(&r.volume, &r.vfid)?;
     let parts = fsx::components(&r.relpath)?;
     outside_staging_area(&parts)?;

@@ -578,6 +578,13 @@ impl Reservations {
         p.insert(dir);
     }
 
+    /// Whether a directory's bytes are held by a reservation (a clone of this
+    /// process copies into it).
+    pub fn is_pending(&self, dir: (u64, u64)) -> bool {
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.contains(&dir)
+    }
+
     /// Counts a directory's bytes as committed again.
     pub fn unpend(&self, dir: (u64, u64)) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());

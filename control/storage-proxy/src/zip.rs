@@ -83,10 +83,44 @@ struct Entry<'n> {
     csize: u64,
     offset: u64,
     mode: u32,
+    /// Its modification time, as MS-DOS has it ([`dos_stamp`]).
+    stamp: DosStamp,
     zip64: bool,
     /// Whether its data is a deflate stream (method 8) followed by a data
     /// descriptor; otherwise it has no data (method 0, sizes in the local header).
     deflate: bool,
+}
+
+/// A modification time as a zip entry holds it: MS-DOS's time and date fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DosStamp {
+    time: u16,
+    date: u16,
+}
+
+/// `mtime` (seconds since the epoch) as MS-DOS's time and date, in UTC, to the even
+/// second below, within what they hold (1980 to 2107; outside, the nearest end).
+/// Before, every entry was dated 1980-01-01 00:00, and an extracted folder lost
+/// every file's time (an outside tester's find); the original stores each file's.
+fn dos_stamp(mtime: i64) -> DosStamp {
+    // 1980-01-01 and 2107-12-31 23:59:58, in seconds since the epoch.
+    let secs = mtime.clamp(315_532_800, 4_354_819_198);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (hour, minute, second) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    DosStamp {
+        time: ((hour << 11) | (minute << 5) | (second / 2)) as u16,
+        date: (((year - 1980) << 9) | (month << 5) | day) as u16,
+    }
 }
 
 /// General-purpose flags: names in UTF-8 (bit 11).
@@ -808,7 +842,7 @@ impl fsx::Visitor for Walker<'_, '_> {
 
     fn enter(
         &mut self,
-        _: std::os::fd::BorrowedFd<'_>,
+        dir: std::os::fd::BorrowedFd<'_>,
         name: &std::ffi::OsStr,
         empty: bool,
     ) -> std::io::Result<()> {
@@ -816,7 +850,8 @@ impl fsx::Visitor for Walker<'_, '_> {
         self.lens.push(self.names.len());
         self.names = full;
         if empty {
-            self.w.empty_dir(self.names.clone())?;
+            let mtime = rustix::fs::fstat(dir).map_or(0, |st| st.st_mtime);
+            self.w.empty_dir(self.names.clone(), mtime)?;
         }
         Ok(())
     }
@@ -1024,14 +1059,20 @@ impl<'a> Writer<'a> {
     /// them first); any other entry has no data (method 0, CRC and sizes zero here,
     /// no descriptor): a method-0 entry with a descriptor would end at the first
     /// `PK\x07\x08` in its data for a streaming reader.
-    fn local_header(&mut self, name: &[u8], zip64: bool, deflate: bool) -> std::io::Result<()> {
+    fn local_header(
+        &mut self,
+        name: &[u8],
+        stamp: DosStamp,
+        zip64: bool,
+        deflate: bool,
+    ) -> std::io::Result<()> {
         let mut h = Vec::with_capacity(50 + name.len());
         h.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
         h.extend_from_slice(&(if zip64 { 45u16 } else { 20 }).to_le_bytes()); // version needed
         h.extend_from_slice(&flags(deflate).to_le_bytes());
         h.extend_from_slice(&(if deflate { 8u16 } else { 0 }).to_le_bytes()); // method
-        h.extend_from_slice(&0u16.to_le_bytes()); // time
-        h.extend_from_slice(&0x21u16.to_le_bytes()); // date: 1980-01-01
+        h.extend_from_slice(&stamp.time.to_le_bytes());
+        h.extend_from_slice(&stamp.date.to_le_bytes());
         h.extend_from_slice(&0u32.to_le_bytes()); // crc: in the descriptor, or none
         let sizes = if zip64 { u32::MAX } else { 0 };
         h.extend_from_slice(&sizes.to_le_bytes());
@@ -1061,7 +1102,7 @@ impl<'a> Writer<'a> {
         self.send(d)
     }
 
-    fn empty_dir(&mut self, name: Vec<u8>) -> std::io::Result<()> {
+    fn empty_dir(&mut self, name: Vec<u8>, mtime: i64) -> std::io::Result<()> {
         // A directory met again (listed twice, listed and under a listed parent).
         if !self
             .names
@@ -1071,7 +1112,8 @@ impl<'a> Writer<'a> {
         }
         let offset = self.offset;
         // No data: its sizes (zero) are in the header, and it has no descriptor.
-        self.local_header(&name, false, false)?;
+        let stamp = dos_stamp(mtime);
+        self.local_header(&name, stamp, false, false)?;
         self.record(&Entry {
             name: &name,
             crc: 0,
@@ -1079,6 +1121,7 @@ impl<'a> Writer<'a> {
             csize: 0,
             offset,
             mode: 0o040_755,
+            stamp,
             zip64: false,
             deflate: false,
         })
@@ -1107,7 +1150,18 @@ impl<'a> Writer<'a> {
         };
         let mut buf = std::mem::take(&mut self.buf);
         let mut file = file.take(meta.len());
-        let result = self.file_body(&mut file, name, meta.len(), mode, !mostly_holes, &mut buf);
+        let stamp = {
+            use std::os::unix::fs::MetadataExt as _;
+            dos_stamp(meta.mtime())
+        };
+        let result = self.file_body(
+            &mut file,
+            name,
+            (meta.len(), stamp),
+            mode,
+            !mostly_holes,
+            &mut buf,
+        );
         self.buf = buf;
         result
     }
@@ -1116,7 +1170,7 @@ impl<'a> Writer<'a> {
         &mut self,
         file: &mut impl std::io::Read,
         name: Vec<u8>,
-        len: u64,
+        (len, stamp): (u64, DosStamp),
         mode: u32,
         may_deflate: bool,
         buf: &mut [u8],
@@ -1135,7 +1189,7 @@ impl<'a> Writer<'a> {
         // Either stream can end up a little larger than the file.
         let zip64 = len >= self.zip64_from.saturating_sub(DEFLATE_MARGIN);
         let offset = self.offset;
-        self.local_header(&name, zip64, true)?;
+        self.local_header(&name, stamp, zip64, true)?;
         let mut crc = crc32fast::Hasher::new();
         let (mut size, mut csize) = (0u64, 0u64);
         let mut n = first;
@@ -1195,6 +1249,7 @@ impl<'a> Writer<'a> {
             csize,
             offset,
             mode,
+            stamp,
             zip64,
             deflate: true,
         })
@@ -1305,7 +1360,8 @@ impl<'a> Writer<'a> {
                         skip_staging,
                     };
                     if !walker.names.is_empty() && fsx::is_empty(fd.as_fd())? {
-                        walker.w.empty_dir(walker.names.clone())?;
+                        let mtime = rustix::fs::fstat(&fd).map_or(0, |st| st.st_mtime);
+                        walker.w.empty_dir(walker.names.clone(), mtime)?;
                     }
                     fsx::walk(fd.as_fd(), &mut walker)?;
                 }
@@ -1337,8 +1393,8 @@ impl<'a> Writer<'a> {
         cd.extend_from_slice(&version.to_le_bytes());
         cd.extend_from_slice(&flags(e.deflate).to_le_bytes());
         cd.extend_from_slice(&(if e.deflate { 8u16 } else { 0 }).to_le_bytes());
-        cd.extend_from_slice(&0u16.to_le_bytes());
-        cd.extend_from_slice(&0x21u16.to_le_bytes());
+        cd.extend_from_slice(&e.stamp.time.to_le_bytes());
+        cd.extend_from_slice(&e.stamp.date.to_le_bytes());
         cd.extend_from_slice(&e.crc.to_le_bytes());
         let (csize32, size32) = if big_size {
             (u32::MAX, u32::MAX)
@@ -1433,6 +1489,32 @@ impl<'a> Writer<'a> {
             "archive streamed"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod stamp_tests {
+    use super::{dos_stamp, DosStamp};
+
+    #[test]
+    fn dos_stamps() {
+        let at = |y: u16, mo: u16, d: u16, h: u16, mi: u16, s: u16| DosStamp {
+            time: (h << 11) | (mi << 5) | (s / 2),
+            date: ((y - 1980) << 9) | (mo << 5) | d,
+        };
+        for (mtime, want) in [
+            (0, at(1980, 1, 1, 0, 0, 0)),
+            (-5, at(1980, 1, 1, 0, 0, 0)),
+            (315_532_800, at(1980, 1, 1, 0, 0, 0)),
+            // 2026-12-07 18:30:45 UTC: to the even second below.
+            (1_796_668_245, at(2026, 12, 7, 18, 30, 44)),
+            // 2000-02-29 23:59:59 (a leap day of a leap century).
+            (951_868_799, at(2000, 2, 29, 23, 59, 58)),
+            (4_354_819_198, at(2107, 12, 31, 23, 59, 58)),
+            (i64::MAX, at(2107, 12, 31, 23, 59, 58)),
+        ] {
+            assert_eq!(dos_stamp(mtime), want, "{mtime}");
+        }
     }
 }
 

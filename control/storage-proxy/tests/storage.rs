@@ -450,6 +450,14 @@ fn directory_downloads_are_valid_zip_archives() {
     )
     .expect("file");
     std::fs::write(p.vfolder_path().join("models/sub/üñí.txt"), "unicode").expect("file");
+    // 2021-06-01 12:34:56 UTC: each entry carries its file's time (before, every
+    // one was dated 1980-01-01 00:00).
+    std::fs::File::options()
+        .write(true)
+        .open(p.vfolder_path().join("models/a.txt"))
+        .expect("file")
+        .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_622_550_896))
+        .expect("mtime");
     let token = p.token(
         "/folder/file/download",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "models"}),
@@ -475,13 +483,14 @@ fn directory_downloads_are_valid_zip_archives() {
     std::fs::write(&zip, &r.body).expect("zip");
     // An independent reader (Python's zipfile) checks every CRC and lists the names.
     let text = storage_common::python(
-        "import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nprint('|'.join(sorted(z.namelist())))\nprint(len(z.read('sub/b.bin')))",
+        "import sys,zipfile\nz=zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nprint('|'.join(sorted(z.namelist())))\nprint(len(z.read('sub/b.bin')))\nprint(z.getinfo('a.txt').date_time)",
         &zip,
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some("a.txt|sub/b.bin|sub/üñí.txt"));
     assert_eq!(lines.next(), Some("200000"));
+    assert_eq!(lines.next(), Some("(2021, 6, 1, 12, 34, 56)"));
 }
 
 #[test]
@@ -934,4 +943,220 @@ fn cleanup_finds_expired_uploads_without_listing_the_vfolder() {
     };
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod back");
     assert!(gone, "the expired upload was not removed: {}", p.log());
+}
+
+/// Fills the test's vfolder with `n` one-byte files in directories of 1,000, for a
+/// clone that runs long enough to be cut off.
+fn many_files(p: &Proxy, n: usize) {
+    for i in 0..n {
+        let dir = p.vfolder_path().join(format!("d{}", i / 1000));
+        if i % 1000 == 0 {
+            std::fs::create_dir_all(&dir).expect("dir");
+        }
+        std::fs::write(dir.join(format!("f{i}")), "x").expect("file");
+    }
+}
+
+/// The directory the clone destination `last` (see [`clone_with_a_file`]) is made
+/// in, and its own path there.
+fn clone_dst(p: &Proxy, last: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let hex = format!("{last:0>32}");
+    let parent = p.dir.path().join(format!(
+        "vol/3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/{}/{}",
+        &hex[..2],
+        &hex[2..4]
+    ));
+    let own = parent.join(&hex[4..]);
+    (parent, own)
+}
+
+/// A clone's copy not yet in place, in `parent` (a name `.<dst>.clone-<hex>`).
+fn clone_copies(parent: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(parent)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().contains(".clone-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits (a hang guard) until a clone's copy is being made in `parent`.
+fn copy_under_way(p: &Proxy, parent: &std::path::Path) -> std::path::PathBuf {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(copy) = clone_copies(parent).pop() {
+            return copy;
+        }
+        assert!(Instant::now() < deadline, "no copy under way: {}", p.log());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Files under `dir`, counted.
+fn files_under(dir: &std::path::Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            if e.file_type().expect("type").is_dir() {
+                stack.push(e.path());
+            } else {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// A stop during a clone ends it: the task is told cancelled (`bgtask_cancelled`,
+/// as the original's task manager tells a task cut by its shutdown), the copy
+/// stops and no vfolder is left half copied, and the proxy exits; started again, a
+/// clone to the same vfolder runs whole. Before, the stop waited for the whole copy
+/// (34 s for 150,000 files, past any unit's stop timeout, which then killed it
+/// part way) and told nothing: the manager never learned the task ended (an
+/// outside tester's find).
+#[test]
+fn a_clone_cut_off_by_a_stop_is_told_cancelled_and_leaves_no_vfolder() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let url = redis.url();
+    let mut p = Proxy::start_with("", &format!("[redis]\nurl = \"{url}\"\n"));
+    create_folder(&p);
+    many_files(&p, 40_000);
+    let mut conn = events_of(&url);
+    let mut sub = conn.as_pubsub();
+    sub.subscribe("events_all").expect("subscribe");
+    sub.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let (parent, dst) = clone_dst(&p, "c10e");
+    let r = clone_with_a_file(&p, "c10e", "clone-cut-off");
+    let task = r.json()["bgtask_id"].as_str().expect("id").to_owned();
+    copy_under_way(&p, &parent);
+    let pid = p.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while p.child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "no exit on SIGTERM: {}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut names = Vec::new();
+    while names.last().map(String::as_str) != Some("bgtask_cancelled") {
+        let Ok(msg) = sub.get_message() else {
+            panic!("no end told for the task: {names:?}; {}", p.log())
+        };
+        let text: String = msg.get_payload().expect("text");
+        let envelope: serde_json::Value = serde_json::from_str(&text).expect("envelope");
+        let payload: serde_json::Value =
+            serde_json::from_str(envelope["payload"].as_str().expect("payload")).expect("json");
+        assert_eq!(payload["task_id"], task.as_str());
+        names.push(envelope["name"].as_str().expect("name").to_owned());
+        assert!(
+            !names.iter().any(|n| n == "bgtask_done"),
+            "the clone ran to its end before the stop: {names:?}"
+        );
+    }
+    assert_eq!(names, ["bgtask_updated", "bgtask_cancelled"]);
+    assert!(
+        std::fs::symlink_metadata(&dst).is_err(),
+        "a vfolder left at the destination: {} files",
+        files_under(&dst)
+    );
+    assert!(p.log().contains("bgtask cancelled"), "{}", p.log());
+    // Started again: the clone to the same vfolder runs whole.
+    p.restart();
+    let r = clone_with_a_file(&p, "c10e", "clone-again");
+    assert_eq!(r.status, 200);
+    assert!(p.wait_bgtask(Duration::from_secs(120)), "{}", p.log());
+    assert_eq!(files_under(&dst), 40_001);
+}
+
+/// A clone killed part way (`SIGKILL`, the host down) leaves no vfolder half copied:
+/// the copy is made under a hidden name beside the destination and put in place
+/// whole; a clone to it again runs whole, and the cleanup removes the copy left
+/// behind once untouched for hours. Before, the copy was made in place: the
+/// partial vfolder was served and counted, and a clone to it again was refused
+/// "destination vfolder exists" (an outside tester's find).
+#[test]
+fn a_clone_killed_part_way_leaves_no_vfolder_and_its_copy_is_swept() {
+    let mut p = Proxy::start("cleanup_interval_secs = 1\n");
+    create_folder(&p);
+    many_files(&p, 40_000);
+    let (parent, dst) = clone_dst(&p, "c11e");
+    clone_with_a_file(&p, "c11e", "clone-killed");
+    let copy = copy_under_way(&p, &parent);
+    p.restart();
+    assert!(
+        std::fs::symlink_metadata(&dst).is_err(),
+        "a vfolder left at the destination: {} files",
+        files_under(&dst)
+    );
+    assert!(copy.is_dir(), "the copy cut off is kept for hours");
+    // Not yet old: the cleanup leaves it (a clone of another process may be
+    // making it).
+    let r = clone_with_a_file(&p, "c11e", "clone-again");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(p.wait_bgtask(Duration::from_secs(120)), "{}", p.log());
+    assert_eq!(files_under(&dst), 40_001);
+    assert!(copy.is_dir(), "{}", p.log());
+    // Untouched for seven hours: removed by the next cleanup pass.
+    let seven_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7 * 3600);
+    std::fs::File::open(&copy)
+        .expect("the copy")
+        .set_modified(seven_hours_ago)
+        .expect("mtime");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while copy.exists() {
+        assert!(Instant::now() < deadline, "never swept: {}", p.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p.log_holding("a clone's copy left by a clone cut off removed");
+    assert_eq!(files_under(&dst), 40_001, "the clone in place untouched");
+    assert!(clone_copies(&parent).is_empty());
+}
+
+/// A second stop signal while the proxy drains (an upload's body still arriving)
+/// ends it at once. Before, the handlers stayed installed with nothing watching
+/// them: a second SIGTERM, SIGINT or SIGQUIT was swallowed, and only SIGKILL ended
+/// a drain held up (an outside tester's find).
+#[test]
+fn a_second_stop_signal_ends_the_drain() {
+    let mut p = Proxy::start("");
+    create_folder(&p);
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "slow.bin", "size": 1000}),
+    );
+    let mut s = TcpStream::connect(p.client).expect("connect");
+    write!(
+        s,
+        "PATCH /upload?token={token} HTTP/1.1\r\nHost: test\r\nUpload-Offset: 0\r\nTus-Resumable: 1.0.0\r\nContent-Length: 1000\r\n\r\nabc"
+    )
+    .expect("head");
+    // Its body still arriving when the stop comes: the drain waits for it.
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = p.child.id().to_string();
+    for _ in 0..2 {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "no exit: {}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        p.log().contains("a second stop signal: exiting now"),
+        "{}",
+        p.log()
+    );
+    drop(s);
 }

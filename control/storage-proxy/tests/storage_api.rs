@@ -151,6 +151,29 @@ fn fetch_archive_tokens_and_metrics() {
         "logs/empty/|logs/task.log|top.txt",
         "empty directories are kept"
     );
+    // A name holding a path is offered by its last component only.
+    for (asked, offered) in [
+        ("../../evil.zip", "evil.zip"),
+        ("a\\b.zip", "b.zip"),
+        ("..", "archive.zip"),
+        ("dir/", "archive.zip"),
+    ] {
+        let r = p.manager(
+            "/folder/file/archive-download-token",
+            serde_json::json!({"volume": "local", "virtual_folder_id": VFID, "files": ["top.txt"], "filename": asked}),
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let token = r.json()["token"].as_str().expect("token").to_owned();
+        let r = p.download_archive(&token);
+        assert_eq!(r.status, 200, "{asked}");
+        let disposition = r.header("content-disposition").expect("disposition");
+        assert!(
+            disposition.starts_with(&format!("attachment;filename=\"{offered}\";")),
+            "{asked}: {disposition}"
+        );
+        assert!(!disposition.contains("%2F"), "{asked}: {disposition}");
+    }
     // A download token is not an archive token, and escapes are refused.
     let r = request(p.client, "GET", "/download-archive?token=forged", &[], b"");
     assert_eq!(r.status, 401);
@@ -897,4 +920,61 @@ fn a_filesystem_error_carries_the_originals_msg_and_errno() {
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["code"], "invalid-api-params", "{}", r.json());
     assert!(r.json().get("errno").is_none(), "{}", r.json());
+}
+
+/// A host path outside any vfolder (the original's `unmanaged_path`) is never
+/// served, and a rename, move or delete of the vfolder itself (`.`) is the
+/// caller's mistake, said so. Before, `unmanaged_path` was passed over and the
+/// token served `relpath` with a 200, and `.` was a `filesystem-error` with no
+/// `errno` (an outside tester's find).
+#[test]
+fn unmanaged_paths_and_the_vfolder_itself_are_refused_as_the_callers_mistakes() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    std::fs::write(p.vfolder_path().join("a.txt"), "a").expect("file");
+    let r = p.manager(
+        "/folder/file/download",
+        body(serde_json::json!({"relpath": "a.txt", "unmanaged_path": "/etc/passwd"})),
+        None,
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "invalid-api-params");
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unmanaged_path")),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let r = p.manager(
+        "/folder/file/download",
+        body(serde_json::json!({"relpath": "a.txt", "unmanaged_path": null})),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    for (path, args) in [
+        (
+            "/folder/file/rename",
+            serde_json::json!({"relpath": ".", "new_name": "b"}),
+        ),
+        (
+            "/folder/file/move",
+            serde_json::json!({"src_relpath": ".", "dst_relpath": "b"}),
+        ),
+        (
+            "/folder/file/move",
+            serde_json::json!({"src_relpath": "a.txt", "dst_relpath": "."}),
+        ),
+    ] {
+        let r = p.manager(path, body(args.clone()), None);
+        assert_eq!(
+            r.status,
+            400,
+            "{path} {args}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["code"], "invalid-api-params", "{path} {args}");
+        assert!(r.json().get("errno").is_none(), "{path} {args}");
+    }
+    assert!(p.vfolder_path().join("a.txt").is_file());
 }

@@ -3078,6 +3078,21 @@ fn a_write_that_fails_mid_body_keeps_and_counts_what_landed() {
         "{}",
         String::from_utf8_lossy(&r.body)
     );
+    // A vfolder created with a limit for its new scope: refused whole, no vfolder
+    // left behind unlimited (before, it stayed, and an upload of any size into it
+    // was granted).
+    let other = "user:0d0e0f10-1112-4314-9516-1718191a1b1c/00112233445566778899aabbccddeeff";
+    let r = p.manager(
+        "/folder/create",
+        serde_json::json!({"volume": "local", "vfid": other, "options": {"initial_max_size_for_quota_scope": 1 << 20}}),
+        None,
+    );
+    assert_eq!(r.status, 507, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        !vol.join("0d0e0f101112431495161718191a1b1c/00/11/2233445566778899aabbccddeeff")
+            .exists(),
+        "a vfolder left behind"
+    );
 
     // Room again: the upload resumes from HEAD's offset to the exact file.
     std::fs::remove_file(&ballast).expect("the ballast away");
