@@ -72,11 +72,12 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     // request's traces (or the trace's requests) wherever their lines are, the
     // second keeps the lines that belong. Only those are held.
     let mut selection = Selection::new(&query);
-    let mut parsed = 0;
+    let (mut parsed, mut other) = (0, 0);
     for input in &mut inputs {
         let found = input.read(true, &mut |e, _| selection.observe(&e))?;
         report_too_long(input, found);
         parsed += found.parsed;
+        other += found.other;
     }
     let mut selected = Vec::new();
     for input in &mut inputs {
@@ -91,6 +92,14 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let selected = in_time_order(selected);
     if selected.is_empty() {
         eprintln!("appproxy-trace: no line of {query:?} in {parsed} parsed line(s)");
+        // Lines there, none of them a log entry: most likely logfmt, which this
+        // reads not (said so; before, only "0 parsed line(s)", an outside tester's
+        // note).
+        if parsed == 0 && other > 0 {
+            eprintln!(
+                "appproxy-trace: none of the {other} line(s) read is a JSON log line:                  it reads the services' JSON logs only ([logging] format = \"json\",                  the default)"
+            );
+        }
         return Ok(ExitCode::from(1));
     }
     let t = timeline(&selected);

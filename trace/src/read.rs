@@ -46,6 +46,9 @@ pub struct Found {
     pub parsed: usize,
     /// Lines longer than [`MAX_LINE_BYTES`], skipped.
     pub too_long: usize,
+    /// Lines that hold something but are no log entry (a logfmt line, a panic's
+    /// text), passed over.
+    pub other: usize,
 }
 
 impl Input {
@@ -179,6 +182,8 @@ fn read_lines(
         if let Some(e) = parse_line(&text, "") {
             found.parsed += 1;
             each(e, number);
+        } else if !text.trim().is_empty() {
+            found.other += 1;
         }
     }
     Ok((found, bytes))

@@ -278,6 +278,19 @@ fn unknown_ids_and_bad_usage_fail_clearly() {
     }
     let o = run(&[file, "--trace-id", &"0".repeat(32)], None);
     assert_eq!(o.status.code(), Some(1));
+    // A logfmt log: said to be no JSON log, not only "0 parsed line(s)"; a JSON log
+    // that lacks the ID is not told so.
+    let logfmt =
+        "timestamp=2026-12-07T18:00:00Z level=INFO component=worker request_id=r1 message=\"x\"\n";
+    let o = run(&["--request-id", "r1"], Some(logfmt));
+    assert_eq!(o.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        said.contains("none of the 1 line(s) read is a JSON log line"),
+        "{said}"
+    );
+    let o = run(&[file, "--request-id", "nope"], None);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("JSON log line"));
 }
 
 /// A reader that stops reading (`appproxy-trace … | head -1`) ends the output

@@ -9694,3 +9694,51 @@ fn worker_answers_keep_their_length_when_short_and_stream_when_long() {
         assert_eq!(String::from_utf8(body).expect("UTF-8"), small_text);
     }
 }
+
+/// A second coordinator on the same SQLite file (an embedded single node and a
+/// coordinator started with the same `sqlite_path`) is refused at start, naming the
+/// file and the process holding it; the first serves on, and once it is gone the
+/// file is free again. Before, both ran: each took the other's workers for its own
+/// and placed circuits on a worker that was never told, creations waiting out the
+/// acknowledgement timeout and many answered 503 (an outside tester's find).
+#[test]
+fn a_second_coordinator_on_one_sqlite_file_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (first_dir, second_dir) = (dir.path().join("first"), dir.path().join("second"));
+    std::fs::create_dir_all(&first_dir).expect("dir");
+    std::fs::create_dir_all(&second_dir).expect("dir");
+    let db = dir.path().join("shared.db");
+    let database = format!("sqlite_path = \"{}\"", db.display());
+    let mut first = common::start(&first_dir, &api::config("", &database));
+    std::fs::write(
+        second_dir.join("coordinator.toml"),
+        api::config("", &database),
+    )
+    .expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
+        .arg("--config")
+        .arg(second_dir.join("coordinator.toml"))
+        .output()
+        .expect("second coordinator");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("is in use by another coordinator process")
+            && said.contains(&format!("(PID {})", first.child.id()))
+            && said.contains("shared.db"),
+        "{said}"
+    );
+    // The first serves on.
+    let r = request(first.addr, "GET", "/readyz", &[], "");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // Gone (killed, as a crash ends it), it leaves the file free.
+    let _ = first.child.kill();
+    let _ = first.child.wait();
+    let again = common::start(&second_dir, &api::config("", &database));
+    let r = request(again.addr, "GET", "/readyz", &[], "");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}

@@ -722,7 +722,9 @@ const SWEPT: &str =
 /// stored — and deployed by the worker's next fetch — for ever, though its creation
 /// was answered 503. It was stored marked as a creation under way; a fresh
 /// coordinator on the same store, leading, sweeps it once the mark is past: removed
-/// and announced to the worker under the sweep's request ID, and counted.
+/// and announced to the worker under the ID of the request that created it (so
+/// the manager whose call was cut off finds it by its own ID; before, under the
+/// sweep's alone), the sweep's pass naming it under its own, and counted.
 #[test]
 fn a_withdrawal_a_stopped_coordinator_left_undone_is_made_by_the_next_leader() {
     let pg = Pg::start();
@@ -804,18 +806,30 @@ fn a_withdrawal_a_stopped_coordinator_left_undone_is_made_by_the_next_leader() {
     });
     let swept = swept();
     assert_eq!(swept.len(), 1, "the sweep logs its withdrawal once");
-    let pass = swept[0]["request_id"]
+    assert_eq!(
+        swept[0]["request_id"], "left-undone-1",
+        "the withdrawal runs under the creating request's ID"
+    );
+    let pass = swept[0]["sweep_request_id"]
         .as_str()
-        .expect("the sweep runs under a request ID of its own")
+        .expect("the sweep's pass is named")
         .to_owned();
-    assert_ne!(pass, "left-undone-1");
+    assert!(!pass.is_empty() && pass != "left-undone-1", "{pass}");
+    // The pass says so under its own ID.
+    wait_for("the pass never named the creating request", || {
+        log_lines(dir.path()).into_iter().any(|l| {
+            l["request_id"] == pass.as_str()
+                && l["circuit"] == circuit.as_str()
+                && l["origin_request_id"] == "left-undone-1"
+        })
+    });
     // The worker is told, on the channel and in the change log it fetches, under
-    // the sweep's ID.
+    // the creating request's ID.
     let told = || {
         worker.seen().iter().any(|e| {
             e.name == appproxy_shared::model::EVENT_CIRCUIT_REMOVED
                 && e.circuits == [circuit.clone()]
-                && e.request_id.as_deref() == Some(pass.as_str())
+                && e.request_id.as_deref() == Some("left-undone-1")
         })
     };
     let deadline = Instant::now() + PATIENCE;
@@ -846,7 +860,7 @@ fn a_withdrawal_a_stopped_coordinator_left_undone_is_made_by_the_next_leader() {
                 "SELECT request_id FROM circuit_changes WHERE circuit = '{circuit}' AND removal"
             )
         ),
-        pass
+        "left-undone-1"
     );
     assert_eq!(
         metric(

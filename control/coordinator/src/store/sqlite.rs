@@ -299,6 +299,76 @@ pub struct SqliteStore {
     /// error), until a write succeeds again: reads still answer then, so `/readyz`
     /// would otherwise call ready a store that refuses every change.
     write_failure: Mutex<Option<String>>,
+    /// This process's hold on the file ([`OneProcess`]), for as long as it is open.
+    _owner: OneProcess,
+}
+
+/// A coordinator's hold on its SQLite file: an exclusive `flock` on `<file>.lock`,
+/// taken before the file is opened and held while it is, the holder's PID written
+/// in it. A second coordinator on the same file (an embedded single node and a
+/// coordinator started with the same `sqlite_path`, two single nodes in one
+/// directory) is refused at start, naming the file and the holder. Before, both
+/// started and ran: each took the other's workers for its own (their heartbeats in
+/// the shared file) and placed circuits on a worker that was never told, each
+/// creation waiting out the acknowledgement timeout and many answered 503 (an
+/// outside tester's find). Tools reading the file (`sqlite3`) take SQLite's own
+/// locks only, and are not kept out. The lock goes with the process, however it
+/// ends.
+struct OneProcess {
+    /// Held open: its lock lasts as long.
+    _held: std::fs::File,
+}
+
+impl OneProcess {
+    fn take(path: &Path) -> Result<Self, StoreError> {
+        use std::io::{Read as _, Seek as _, Write as _};
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut name = path.as_os_str().to_owned();
+        name.push(".lock");
+        let lock = std::path::PathBuf::from(name);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock)
+            .map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "the SQLite store's lock file {} could not be opened: {e}",
+                    lock.display()
+                ))
+            })?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {
+                // Who holds it, for the message of the next one (best effort).
+                let _ = file
+                    .set_len(0)
+                    .and_then(|()| file.rewind())
+                    .and_then(|()| writeln!(file, "{}", std::process::id()));
+                Ok(Self { _held: file })
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder = if !holder.is_empty() && holder.bytes().all(|b| b.is_ascii_digit()) {
+                    format!(" (PID {holder})")
+                } else {
+                    String::new()
+                };
+                Err(StoreError::Unavailable(format!(
+                    "the SQLite store {} is in use by another coordinator process{holder}, which holds {}:                      one process per SQLite file — give each its own sqlite_path, or share PostgreSQL",
+                    path.display(),
+                    lock.display()
+                )))
+            }
+            Err(e) => Err(StoreError::Unavailable(format!(
+                "the SQLite store's lock file {} could not be locked: {e}",
+                lock.display()
+            ))),
+        }
+    }
 }
 
 fn conflict_or(e: rusqlite::Error) -> StoreError {
@@ -352,6 +422,7 @@ impl SqliteStore {
     /// (not 0) the file grows no larger (SQLite's `max_page_count`): a write past it
     /// fails as on a full disk.
     pub fn open(path: &Path, max_bytes: u64) -> Result<Self, StoreError> {
+        let owner = OneProcess::take(path)?;
         let conn = Connection::open(path)?;
         // A newer build's store is left as it is: checked before anything is set.
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -374,6 +445,7 @@ impl SqliteStore {
         Ok(Self {
             conn: Mutex::new(conn),
             write_failure: Mutex::new(None),
+            _owner: owner,
         })
     }
 
