@@ -1450,6 +1450,16 @@ fn a_success_answered_early_by_an_app_that_then_closes_is_relayed_at_once() {
         assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
         assert!(got.ends_with("\r\n\r\nearly"), "{got}");
     }
+    // Logged as an early answer, naming the app (before, the closed socket's peer
+    // lookup: "Transport endpoint is not connected").
+    let early = "the app answered before taking the whole request body";
+    let lines = w.wait_log(early, |v| v["message"] == early && v["status"] == 200);
+    assert_eq!(
+        lines[0]["upstream"],
+        app.addr.to_string(),
+        "{}",
+        w.log_text()
+    );
     let r = Client::connect(w.addr()).get("/after", "");
     assert!(r.text().starts_with("honest /after "), "{}", r.text());
 }

@@ -97,7 +97,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         // note).
         if parsed == 0 && other > 0 {
             eprintln!(
-                "appproxy-trace: none of the {other} line(s) read is a JSON log line:                  it reads the services' JSON logs only ([logging] format = \"json\",                  the default)"
+                "appproxy-trace: none of the {other} line(s) read is a JSON log line: it reads the services' JSON logs only ([logging] format = \"json\", the default)"
             );
         }
         return Ok(ExitCode::from(1));

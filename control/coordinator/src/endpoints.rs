@@ -341,7 +341,9 @@ async fn created_or_existing(
                     if overdue {
                         // Removed only while still overdue: settled meanwhile by
                         // its node (or removed by another), it is looked up again.
-                        if !state.remove_overdue_creation(c.id).await? {
+                        let (withdrawn, _) =
+                            state.remove_overdue_creation_as_origin(c.id, || {}).await;
+                        if !withdrawn? {
                             if looks < super::proxy::PLACEMENT_ATTEMPTS {
                                 continue 'look;
                             }

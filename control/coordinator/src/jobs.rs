@@ -764,33 +764,19 @@ async fn overdue_pass(state: &State) {
         if state.is_creating(id) {
             continue;
         }
-        // The withdrawal runs under the ID of the request that created the circuit
-        // (its event, the worker's removal, this line), so the manager whose call was
-        // cut off finds where its circuits went by its own ID; the pass names it
-        // (`origin_request_id`) under the pass's. Before, the whole withdrawal was
-        // under the pass's ID alone (an outside tester's find). A circuit whose
-        // origin cannot be read is withdrawn under the pass's.
+        // Under the ID of the request that created the circuit (see
+        // `State::remove_overdue_creation_as_origin`); the pass names it under its
+        // own.
         let pass = appproxy_shared::current_request_id();
-        let origin = match state.store.circuit(id).await {
-            Ok(Some((_, origin))) => origin
-                .request_id
-                .and_then(|r| RequestId::parse(r.as_bytes()).ok()),
-            _ => None,
-        };
-        let withdrawn = appproxy_shared::scope(origin.or(pass), async {
-            // Made only while the creation is still overdue: one settled meanwhile
-            // keeps its circuit.
-            let withdrawn = state.remove_overdue_creation(id).await;
-            if matches!(withdrawn, Ok(true)) {
+        let (withdrawn, origin) = state
+            .remove_overdue_creation_as_origin(id, || {
                 tracing::warn!(
                     circuit = %id,
                     sweep_request_id = pass.as_ref().map(|p| p.as_str()).unwrap_or(""),
                     "circuit of a creation never settled withdrawn (its coordinator stopped before withdrawing it)"
                 );
-            }
-            withdrawn
-        })
-        .await;
+            })
+            .await;
         match withdrawn {
             Ok(true) => {
                 state

@@ -170,6 +170,9 @@ pub struct State {
     /// Since when this node leads without a break (`jobs::lead`): the worker-lost
     /// check waits a heartbeat timeout from then.
     leading_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// This coordinator's hold on its SQLite file (none on PostgreSQL): one
+    /// coordinator per file ([`store::sqlite::OneProcess`]).
+    _sqlite_owner: Option<store::sqlite::OneProcess>,
     /// The `[coordinator]` and `[secrets]` settings.
     pub config: CoordinatorConfig,
     /// Redis for events, leadership and last-access reads (`[redis] url`), if any.
@@ -468,9 +471,46 @@ impl State {
         self.remove_circuit_when(id, deadline, false).await
     }
 
+    /// The ID of the request that created circuit `id`, when it is stored and valid.
+    async fn origin_of(&self, id: uuid::Uuid) -> Option<appproxy_shared::RequestId> {
+        match self.store.circuit(id).await {
+            Ok(Some((_, origin))) => origin
+                .request_id
+                .and_then(|r| appproxy_shared::RequestId::parse(r.as_bytes()).ok()),
+            _ => None,
+        }
+    }
+
+    /// [`State::remove_overdue_creation`] under the ID of the request that created
+    /// the circuit (else the current one): its event, the worker's removal and the
+    /// change log name that request, so the manager whose call was cut off finds
+    /// where its circuit went by its own ID — whoever withdraws it (the leader's
+    /// sweep, a later call for the same key). Before, the withdrawal carried only
+    /// the withdrawing pass's or call's ID (outside testers' finds). `logged` runs
+    /// under that ID once the circuit was withdrawn. Returns the outcome and the
+    /// creating request's ID.
+    async fn remove_overdue_creation_as_origin(
+        &self,
+        id: uuid::Uuid,
+        logged: impl FnOnce(),
+    ) -> (Result<bool, ApiError>, Option<appproxy_shared::RequestId>) {
+        let origin = self.origin_of(id).await;
+        let withdrawn =
+            appproxy_shared::scope(origin.or(appproxy_shared::current_request_id()), async {
+                let withdrawn = self.remove_overdue_creation(id).await;
+                if matches!(withdrawn, Ok(true)) {
+                    logged();
+                }
+                withdrawn
+            })
+            .await;
+        (withdrawn, origin)
+    }
+
     /// [`State::remove_circuit`] of a circuit whose creation is overdue
     /// ([`store::CreationMark::Overdue`]), made only while it still is (decided by
     /// the store in the removal itself): a creation settled meanwhile keeps it.
+    /// Called through [`State::remove_overdue_creation_as_origin`].
     async fn remove_overdue_creation(&self, id: uuid::Uuid) -> Result<bool, ApiError> {
         self.remove_circuit_when(id, None, true).await
     }
@@ -1377,6 +1417,14 @@ impl Coordinator {
     /// Opens the store (migrating it), connects to Redis when configured and binds
     /// the API port.
     pub async fn bind(config: &CoordinatorConfig) -> anyhow::Result<Self> {
+        // One coordinator per SQLite file, held as long as its state.
+        let sqlite_owner = match &config.database.url {
+            Some(_) => None,
+            None => Some(
+                store::sqlite::OneProcess::take(&config.database.sqlite_path)
+                    .map_err(|e| anyhow::anyhow!("cannot open the circuit store: {e}"))?,
+            ),
+        };
         let store = Store::open_with(
             config.database.url.as_deref(),
             &config.database.sqlite_path,
@@ -1442,6 +1490,7 @@ impl Coordinator {
             running: jobs::Running::default(),
             store_failing: std::sync::Mutex::default(),
             leading_since: std::sync::Mutex::default(),
+            _sqlite_owner: sqlite_owner,
             config: config.clone(),
             redis,
             streams,

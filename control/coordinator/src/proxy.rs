@@ -832,11 +832,22 @@ where
                     turn.take(state).await?;
                     continue;
                 }
+                let caller = appproxy_shared::current_request_id();
+                let (withdrawn, origin) = state
+                    .remove_overdue_creation_as_origin(c.id, || {
+                        tracing::info!(
+                            circuit = %c.id,
+                            withdrawn_by_request_id = caller.as_ref().map(|r| r.as_str()).unwrap_or(""),
+                            "circuit of a creation never settled withdrawn by a later call for its key"
+                        );
+                    })
+                    .await;
                 tracing::warn!(
                     circuit = %c.id,
+                    origin_request_id = origin.as_ref().map(|r| r.as_str()).unwrap_or(""),
                     "the circuit's creation was never settled (it failed, and its coordinator stopped before withdrawing it); withdrawn instead of reused"
                 );
-                state.remove_overdue_creation(c.id).await?;
+                withdrawn?;
                 continue;
             }
         }

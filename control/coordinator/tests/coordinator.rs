@@ -9732,6 +9732,26 @@ fn a_second_coordinator_on_one_sqlite_file_is_refused() {
             && said.contains("shared.db"),
         "{said}"
     );
+    // Nor through a symlink to the file: one file, one lock.
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(&db, &link).expect("symlink");
+    std::fs::write(
+        second_dir.join("coordinator.toml"),
+        api::config("", &format!("sqlite_path = \"{}\"", link.display())),
+    )
+    .expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
+        .arg("--config")
+        .arg(second_dir.join("coordinator.toml"))
+        .output()
+        .expect("second coordinator");
+    let said =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("is in use by another coordinator process"),
+        "{said}"
+    );
     // The first serves on.
     let r = request(first.addr, "GET", "/readyz", &[], "");
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -9741,4 +9761,27 @@ fn a_second_coordinator_on_one_sqlite_file_is_refused() {
     let again = common::start(&second_dir, &api::config("", &database));
     let r = request(again.addr, "GET", "/readyz", &[], "");
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // A lock file that is a symlink is never written through (the PID would land
+    // in whatever it names): the start is refused, that file untouched.
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, "keep").expect("victim");
+    let other = dir.path().join("other.db");
+    std::os::unix::fs::symlink(&victim, dir.path().join("other.db.lock")).expect("symlink");
+    let third_dir = dir.path().join("third");
+    std::fs::create_dir_all(&third_dir).expect("dir");
+    std::fs::write(
+        third_dir.join("coordinator.toml"),
+        api::config("", &format!("sqlite_path = \"{}\"", other.display())),
+    )
+    .expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
+        .arg("--config")
+        .arg(third_dir.join("coordinator.toml"))
+        .output()
+        .expect("third coordinator");
+    let said =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("other.db.lock could not be opened"), "{said}");
+    assert_eq!(std::fs::read_to_string(&victim).expect("victim"), "keep");
 }

@@ -1190,6 +1190,16 @@ fn calls_after_an_orphaned_creation_share_one_new_circuit() {
         handed.iter().all(|c| *c != of_a),
         "node A's orphaned circuit handed out"
     );
+    // Withdrawn under the ID of the call that created it, whoever withdrew it (a
+    // call for the key, the sweep): the manager finds it by its own ID (before,
+    // under the withdrawing call's).
+    assert_eq!(
+        pg.psql(
+            "appproxy",
+            &format!("SELECT request_id FROM circuit_changes WHERE circuit = '{of_a}' AND removal")
+        ),
+        "orphan-a-1"
+    );
     assert!(
         handed.iter().all(|c| *c == handed[0]),
         "the calls were answered with several circuits: {handed:?}"

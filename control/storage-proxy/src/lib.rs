@@ -1187,15 +1187,6 @@ pub fn remove_expired_uploads(state: &State) -> usize {
 /// a line each wrote some 25 MB of log per pass.
 pub const LOGGED_REMOVALS: usize = 16;
 
-/// Removes the expired staging files of the vfolder at `at` (in the quota scope
-/// `key`), given its staging area as opened; returns how many. The staging area
-/// is writable by the vfolder's user, who can put a million names there at no
-/// cost in quota: it is read as a stream, never held or sorted, and only a
-/// session's name (32 hex digits, see `quota::session_name`) is looked at
-/// further; any other name is passed over without a `stat`, and never removed.
-/// A pass holds one directory buffer, however many entries there are. `logged`
-/// counts the removals of the pass logged one by one, at most
-/// [`LOGGED_REMOVALS`]; the rest are in the staging area's summary line.
 /// Removes a clone's copy (`name` in `parent`, see `manager::is_clone_temp`) left
 /// by a clone cut off — the process killed, the host down: one no clone of this
 /// process copies into, untouched for `manager::CLONE_LEFT` (a running clone of any
@@ -1236,6 +1227,15 @@ fn sweep_clone(
     state.reservations.removed(key);
 }
 
+/// Removes the expired staging files of the vfolder at `at` (in the quota scope
+/// `key`), given its staging area as opened; returns how many. The staging area
+/// is writable by the vfolder's user, who can put a million names there at no
+/// cost in quota: it is read as a stream, never held or sorted, and only a
+/// session's name (32 hex digits, see `quota::session_name`) is looked at
+/// further; any other name is passed over without a `stat`, and never removed.
+/// A pass holds one directory buffer, however many entries there are. `logged`
+/// counts the removals of the pass logged one by one, at most
+/// [`LOGGED_REMOVALS`]; the rest are in the staging area's summary line.
 fn remove_expired_in(
     state: &State,
     staging: std::io::Result<std::os::fd::OwnedFd>,

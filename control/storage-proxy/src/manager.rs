@@ -346,14 +346,21 @@ where
             json!({"task_id": id, "message": format!("{name} started")}),
         )
         .await;
+        let mut job = std::pin::pin!(job);
         let outcome = tokio::select! {
             biased;
-            r = job => Some(r),
-            () = state.stopped() => None,
+            r = job.as_mut() => Some(r),
+            () = state.stopped() => tokio::time::timeout(BGTASK_STOP_GRACE, job).await.ok(),
         };
+        // Work that met the stop and ended so is cancelled too.
+        let outcome = outcome.filter(|r| {
+            r.as_ref()
+                .err()
+                .is_none_or(|e| fsx::carried::<Stopping>(e).is_none())
+        });
         match outcome {
-            // Stopped before it ended: told so, as the original's task manager tells
-            // a task cancelled at its shutdown. A delete left part way is finished
+            // Stopped before it ended (given `BGTASK_STOP_GRACE` to end): told so, as
+            // the original's task manager tells a task cancelled at its shutdown. A delete left part way is finished
             // by a delete again; a clone left part way was never in place (see
             // `start_clone`). Before, nothing was told, and the runtime waited for
             // the task's blocking work, however long (an outside tester's find).
@@ -391,6 +398,24 @@ where
     });
     Json(json!({"bgtask_id": id}))
 }
+
+/// A background task's work stopped because the proxy is stopping: told as
+/// cancelled, not failed.
+#[derive(Debug)]
+struct Stopping;
+
+impl std::fmt::Display for Stopping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the storage-proxy is stopping")
+    }
+}
+
+impl std::error::Error for Stopping {}
+
+/// How long a stop gives a background task's work to end before it is told
+/// cancelled: work that was ending anyway (a clone putting its copy in place) is
+/// told as it ended.
+const BGTASK_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Counts a background task as running while it lives.
 struct Running(Arc<State>);
@@ -623,7 +648,7 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
                 // A stop ends the copy at the next entry (the task is told
                 // cancelled meanwhile, see `bgtask`).
                 if st.stopping() {
-                    return Err(std::io::Error::other("the storage-proxy is stopping"));
+                    return Err(std::io::Error::other(Stopping));
                 }
                 // Seen running by the cleanup of any process sharing the volume.
                 if touched.elapsed() >= CLONE_TOUCH {
@@ -639,7 +664,17 @@ async fn start_clone(state: Arc<State>, r: CloneReq) -> Result<Json<Value>, ApiE
             // where nothing is; a copy that stopped part way (or found its
             // destination made meanwhile) is removed, so no half vfolder is left
             // holding the scope's room.
-            let copied = copied.and_then(|c| made.place().map(|()| c));
+            // A stop that came after the last entry is met here, before the copy is
+            // put in place: once placed, the clone is done, whatever else follows.
+            let copied = copied
+                .and_then(|c| {
+                    if st.stopping() {
+                        Err(std::io::Error::other(Stopping))
+                    } else {
+                        Ok(c)
+                    }
+                })
+                .and_then(|c| made.place().map(|()| c));
             if let Err(e) = &copied {
                 made.remove(e);
             }
@@ -729,12 +764,11 @@ struct CloneClaim {
 
 impl CloneClaim {
     fn take(state: &Arc<State>, dest: std::path::PathBuf) -> Result<Self, ApiError> {
-        let mut cloning = state
-            .cloning
-            .lock()
-            .map_err(|_| ApiError::Conflict("clone state unavailable"))?;
+        let mut cloning = state.cloning.lock().unwrap_or_else(|p| p.into_inner());
         if !cloning.insert(dest.clone()) {
-            return Err(ApiError::Params("destination vfolder exists".into()));
+            return Err(ApiError::Conflict(
+                "a clone to the destination vfolder is under way",
+            ));
         }
         Ok(Self {
             state: state.clone(),
@@ -2112,7 +2146,7 @@ fn render_observed(state: &State, out: &mut String) {
         out,
         "storage_proxy_bgtasks_finished_total",
         "counter",
-        "Background tasks finished, by task and state (done, failed).",
+        "Background tasks finished, by task and state (done, failed, cancelled: the proxy stopped first).",
     );
     // Quota usage per scope, as last measured (sync job or a reservation).
     let roots: Vec<(String, std::path::PathBuf)> = state
@@ -2337,4 +2371,33 @@ async fn metrics(Extract(state): Extract<Arc<State>>) -> Response {
         axum::http::HeaderValue::from_static("text/plain; version=0.0.4"),
     );
     resp
+}
+
+#[cfg(test)]
+mod clone_name_tests {
+    use super::{clone_temp_name, is_clone_temp};
+    use std::ffi::OsStr;
+
+    #[test]
+    fn clone_copies_are_told_by_their_whole_name() {
+        let holder = format!("clone-{}", "0123456789abcdef".repeat(2));
+        let name = clone_temp_name(OsStr::new("8c1e9a4d4e6f8b7a1c2d3e4f5a6b"), &holder);
+        assert_eq!(
+            name,
+            OsStr::new(".8c1e9a4d4e6f8b7a1c2d3e4f5a6b.clone-0123456789abcdef0123456789abcdef")
+        );
+        assert!(is_clone_temp(&name));
+        for not in [
+            "8c1e9a4d4e6f8b7a1c2d3e4f5a6b",
+            ".upload",
+            "..clone-0123456789abcdef0123456789abcdef",
+            ".x.clone-0123456789abcdef0123456789abcde",
+            ".x.clone-0123456789abcdef0123456789abcdefa",
+            ".x.clone-0123456789abcdef0123456789abcdeg",
+            "x.clone-0123456789abcdef0123456789abcdef",
+            ".x.clone-",
+        ] {
+            assert!(!is_clone_temp(OsStr::new(not)), "{not}");
+        }
+    }
 }

@@ -298,7 +298,15 @@ fn committed_once(
     let walked = fsx::usage_covered(
         scope,
         fsx::Links::Once,
-        &|e, _| !pending.contains(&(e.stat.st_dev, e.stat.st_ino)),
+        // A clone's copy not yet in place is the clone's (held by its reservation
+        // while it runs, `pending`) or garbage a clone cut off left for the sweep:
+        // never the scope's committed bytes. Before, one left by a stop or a
+        // restart counted until the sweep removed it, hours later, and the
+        // scope's uploads could be refused meanwhile (a reviewer's find).
+        &|e, depth| {
+            let clone_copy = depth == STAGING_DEPTH - 1 && super::manager::is_clone_temp(&e.name);
+            !clone_copy && !pending.contains(&(e.stat.st_dev, e.stat.st_ino))
+        },
         fsx::Covered {
             dir: &|e, depth| depth == STAGING_DEPTH && e.name == STAGING,
             file: &mut file,

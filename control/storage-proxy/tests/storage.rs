@@ -1087,6 +1087,16 @@ fn a_clone_killed_part_way_leaves_no_vfolder_and_its_copy_is_swept() {
     create_folder(&p);
     many_files(&p, 40_000);
     let (parent, dst) = clone_dst(&p, "c11e");
+    std::fs::write(p.vfolder_path().join("f.txt"), "x").expect("file");
+    let used = |p: &Proxy| {
+        let r = p.manager_method(
+            "GET",
+            "/quota-scope",
+            serde_json::json!({"volume": "local", "qsid": "user:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b"}),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["used_bytes"].as_u64().expect("used_bytes")
+    };
     clone_with_a_file(&p, "c11e", "clone-killed");
     let copy = copy_under_way(&p, &parent);
     p.restart();
@@ -1096,6 +1106,9 @@ fn a_clone_killed_part_way_leaves_no_vfolder_and_its_copy_is_swept() {
         files_under(&dst)
     );
     assert!(copy.is_dir(), "the copy cut off is kept for hours");
+    // Garbage of the proxy's, not the scope's committed bytes: the source's 40,001
+    // one-byte files alone (measured afresh after the restart).
+    assert_eq!(used(&p), 40_001, "the copy left behind counts in the scope");
     // Not yet old: the cleanup leaves it (a clone of another process may be
     // making it).
     let r = clone_with_a_file(&p, "c11e", "clone-again");

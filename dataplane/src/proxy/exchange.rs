@@ -699,7 +699,7 @@ impl Client {
     async fn early_answer(
         &mut self,
         core: &Core,
-        upstream: &TcpConn,
+        (upstream, addr): (&TcpConn, SocketAddr),
         method: Method,
     ) -> Result<ResponseHead, HeadFailure> {
         for _ in 0..=MAX_INTERIM {
@@ -716,8 +716,10 @@ impl Client {
                 101 => break,
                 100..=199 => self.ubuf.consume(resp.head_len),
                 status => {
+                    // The address dialled: the socket's own peer is gone once the
+                    // app closed (it read "Transport endpoint is not connected").
                     tracing::info!(
-                        upstream = %upstream.peer_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+                        upstream = %addr,
                         status,
                         "the app answered before taking the whole request body"
                     );
@@ -839,7 +841,10 @@ impl Client {
                 if !attempt.replayable()
                     && (!stalled || upstream.answer_may_wait(!self.ubuf.is_empty()))
                 {
-                    if let Ok(resp) = self.early_answer(&core, upstream, head.method).await {
+                    if let Ok(resp) = self
+                        .early_answer(&core, (upstream, addr), head.method)
+                        .await
+                    {
                         note_health(&core, route, addr, true);
                         return Ok((resp, bytes_in, true));
                     }
@@ -864,7 +869,10 @@ impl Client {
                 // reads on (full duplex) sees its end rather than waiting for bytes
                 // that never come while the worker waits for its answer.
                 upstream.shutdown_write();
-                return match self.early_answer(&core, upstream, head.method).await {
+                return match self
+                    .early_answer(&core, (upstream, addr), head.method)
+                    .await
+                {
                     Ok(resp) => {
                         note_health(&core, route, addr, true);
                         Ok((resp, bytes_in, true))

@@ -299,40 +299,65 @@ pub struct SqliteStore {
     /// error), until a write succeeds again: reads still answer then, so `/readyz`
     /// would otherwise call ready a store that refuses every change.
     write_failure: Mutex<Option<String>>,
-    /// This process's hold on the file ([`OneProcess`]), for as long as it is open.
-    _owner: OneProcess,
 }
 
 /// A coordinator's hold on its SQLite file: an exclusive `flock` on `<file>.lock`,
-/// taken before the file is opened and held while it is, the holder's PID written
-/// in it. A second coordinator on the same file (an embedded single node and a
+/// taken before the store is opened and held as long as the coordinator's state
+/// (`State`), the holder's PID written in it. (The store itself takes none: a tool
+/// or a test opening it beside a running coordinator, as `sqlite3` does, is not
+/// kept out.) A second coordinator on the same file (an embedded single node and a
 /// coordinator started with the same `sqlite_path`, two single nodes in one
 /// directory) is refused at start, naming the file and the holder. Before, both
 /// started and ran: each took the other's workers for its own (their heartbeats in
 /// the shared file) and placed circuits on a worker that was never told, each
 /// creation waiting out the acknowledgement timeout and many answered 503 (an
-/// outside tester's find). Tools reading the file (`sqlite3`) take SQLite's own
-/// locks only, and are not kept out. The lock goes with the process, however it
-/// ends.
-struct OneProcess {
+/// outside tester's find). The lock file lies beside the file's real path, so a
+/// symlink or another relative path to the same file meets the same lock (a hard
+/// link under another name does not). Tools reading the file (`sqlite3`) take
+/// SQLite's own locks only, and are not kept out. The lock goes with the process,
+/// however it ends.
+pub struct OneProcess {
     /// Held open: its lock lasts as long.
     _held: std::fs::File,
 }
 
 impl OneProcess {
-    fn take(path: &Path) -> Result<Self, StoreError> {
+    /// Takes the hold on the SQLite file at `path`, or says which process has it.
+    pub fn take(path: &Path) -> Result<Self, StoreError> {
         use std::io::{Read as _, Seek as _, Write as _};
         use std::os::unix::fs::OpenOptionsExt as _;
-        let mut name = path.as_os_str().to_owned();
+        // Beside the file itself, whatever path names it (a symlink, another
+        // relative path): two paths to one file take one lock. A file not made yet
+        // is named through its directory's real path.
+        let real = std::fs::canonicalize(path)
+            .or_else(|_| {
+                let dir = path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                std::fs::canonicalize(dir).map(|d| d.join(path.file_name().unwrap_or_default()))
+            })
+            .unwrap_or_else(|_| path.to_owned());
+        let mut name = real.into_os_string();
         name.push(".lock");
         let lock = std::path::PathBuf::from(name);
+        // Never through a symlink (one put in its place would have the PID
+        // written over whatever it names), and only a regular file.
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(&lock)
+            .and_then(|f| {
+                if f.metadata()?.is_file() {
+                    Ok(f)
+                } else {
+                    Err(std::io::Error::other("not a regular file"))
+                }
+            })
             .map_err(|e| {
                 StoreError::Unavailable(format!(
                     "the SQLite store's lock file {} could not be opened: {e}",
@@ -358,7 +383,7 @@ impl OneProcess {
                     String::new()
                 };
                 Err(StoreError::Unavailable(format!(
-                    "the SQLite store {} is in use by another coordinator process{holder}, which holds {}:                      one process per SQLite file — give each its own sqlite_path, or share PostgreSQL",
+                    "the SQLite store {} is in use by another coordinator process{holder}, which holds {}: one process per SQLite file — give each its own sqlite_path, or share PostgreSQL",
                     path.display(),
                     lock.display()
                 )))
@@ -422,7 +447,6 @@ impl SqliteStore {
     /// (not 0) the file grows no larger (SQLite's `max_page_count`): a write past it
     /// fails as on a full disk.
     pub fn open(path: &Path, max_bytes: u64) -> Result<Self, StoreError> {
-        let owner = OneProcess::take(path)?;
         let conn = Connection::open(path)?;
         // A newer build's store is left as it is: checked before anything is set.
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -445,7 +469,6 @@ impl SqliteStore {
         Ok(Self {
             conn: Mutex::new(conn),
             write_failure: Mutex::new(None),
-            _owner: owner,
         })
     }
 
