@@ -337,8 +337,13 @@ where
 {
     let id = uuid::Uuid::new_v4();
     let state = state.clone();
+    // Counted before it is spawned: a stop that comes between its answer and its
+    // first poll waits for it too (it is told cancelled). Before, such a task was
+    // dropped with the runtime unstarted: its ID answered, never an event (an
+    // outside verifier's find).
+    let running = Running::new(&state);
     appproxy_shared::context::spawn_child(async move {
-        let _running = Running::new(&state);
+        let _running = running;
         tracing::info!(bgtask_id = %id, task = name, "bgtask started");
         super::emit(
             &state,
