@@ -9695,6 +9695,32 @@ fn worker_answers_keep_their_length_when_short_and_stream_when_long() {
     }
 }
 
+/// Starts a coordinator on `dir`'s `coordinator.toml` that is to be refused: its
+/// output once it exits, within 30 s (a hang guard: one that serves instead is
+/// killed and the test fails).
+fn refused_start(dir: &std::path::Path) -> std::process::Output {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
+        .arg("--config")
+        .arg(dir.join("coordinator.toml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("coordinator");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "the coordinator was not refused: it serves; {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("output")
+}
+
 /// A second coordinator on the same SQLite file (an embedded single node and a
 /// coordinator started with the same `sqlite_path`) is refused at start, naming the
 /// file and the process holding it; the first serves on, and once it is gone the
@@ -9715,11 +9741,7 @@ fn a_second_coordinator_on_one_sqlite_file_is_refused() {
         api::config("", &database),
     )
     .expect("config");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
-        .arg("--config")
-        .arg(second_dir.join("coordinator.toml"))
-        .output()
-        .expect("second coordinator");
+    let out = refused_start(&second_dir);
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -9740,11 +9762,7 @@ fn a_second_coordinator_on_one_sqlite_file_is_refused() {
         api::config("", &format!("sqlite_path = \"{}\"", link.display())),
     )
     .expect("config");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
-        .arg("--config")
-        .arg(second_dir.join("coordinator.toml"))
-        .output()
-        .expect("second coordinator");
+    let out = refused_start(&second_dir);
     let said =
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{said}");
@@ -9774,11 +9792,7 @@ fn a_second_coordinator_on_one_sqlite_file_is_refused() {
         api::config("", &format!("sqlite_path = \"{}\"", other.display())),
     )
     .expect("config");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
-        .arg("--config")
-        .arg(third_dir.join("coordinator.toml"))
-        .output()
-        .expect("third coordinator");
+    let out = refused_start(&third_dir);
     let said =
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{said}");
