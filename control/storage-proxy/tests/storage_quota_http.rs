@@ -1345,25 +1345,7 @@ fn an_upload_whose_staged_file_is_replaced_by_no_file_lets_its_reservation_go() 
         // The first PATCH's own look at its staged file (as it ends, on the
         // blocking pool) is let pass before the swap: it would see the swap too.
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let staged = std::fs::read_dir(p.vfolder_path().join(".upload"))
-            .expect("staging area")
-            .next()
-            .expect("a staged file")
-            .expect("entry")
-            .path();
-        std::fs::remove_file(&staged).expect("unlink");
-        match swap {
-            "a directory" => std::fs::create_dir(&staged).expect("dir"),
-            "a symlink out" => std::os::unix::fs::symlink(outside.path(), &staged).expect("link"),
-            _ => rustix::fs::mknodat(
-                rustix::fs::CWD,
-                &staged,
-                rustix::fs::FileType::Fifo,
-                rustix::fs::Mode::from_raw_mode(0o644),
-                0,
-            )
-            .expect("mkfifo"),
-        }
+        let staged = swap_staged(&p, swap, outside.path());
         let r = patch(&p, &token, 1_000, &[1u8; 1_000]);
         assert_eq!(
             r.status,
@@ -1420,19 +1402,7 @@ fn a_staged_file_replaced_during_its_patch_is_never_put_in_place() {
         create_with_limit(&p, 10_000);
         let token = session(&p, "swapped.bin", 8_000);
         let mut running = patch_begun(&p, &token, 8_000, 1_000);
-        let staging = p.vfolder_path().join(".upload");
-        let staged = std::fs::read_dir(&staging)
-            .expect("staging area")
-            .next()
-            .expect("a staged file")
-            .expect("entry")
-            .path();
-        std::fs::remove_file(&staged).expect("unlink");
-        match swap {
-            "a directory" => std::fs::create_dir(&staged).expect("dir"),
-            "a symlink out" => std::os::unix::fs::symlink(outside.path(), &staged).expect("link"),
-            _ => std::fs::write(&staged, b"someone else's").expect("file"),
-        }
+        swap_staged(&p, swap, outside.path());
         running.write_all(&[7u8; 7_000]).expect("the rest");
         let answer = String::from_utf8_lossy(&read_until_closed(&mut running)).into_owned();
         assert!(answer.starts_with("HTTP/1.1 409"), "{swap}: {answer}");
@@ -1923,6 +1893,33 @@ fn a_file_dated_past_year_9999_or_before_1970_is_served_without_last_modified() 
 }
 
 /// What `s` receives until its peer closes it (or it fails).
+/// Swaps the test vfolder's one staged file, as a user with a shell in the vfolder
+/// can, for `how`: "a directory", "a symlink out" (to `outside`), "a FIFO", or
+/// another file. Its path.
+fn swap_staged(p: &Proxy, how: &str, outside: &std::path::Path) -> std::path::PathBuf {
+    let staged = std::fs::read_dir(p.vfolder_path().join(".upload"))
+        .expect("staging area")
+        .next()
+        .expect("a staged file")
+        .expect("entry")
+        .path();
+    std::fs::remove_file(&staged).expect("unlink");
+    match how {
+        "a directory" => std::fs::create_dir(&staged).expect("dir"),
+        "a symlink out" => std::os::unix::fs::symlink(outside, &staged).expect("link"),
+        "a FIFO" => rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &staged,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .expect("mkfifo"),
+        _ => std::fs::write(&staged, b"someone else's").expect("file"),
+    }
+    staged
+}
+
 fn read_until_closed(s: &mut std::net::TcpStream) -> Vec<u8> {
     use appproxy_test_support::net::ReadUninterrupted as _;
     let mut raw = Vec::new();
