@@ -136,7 +136,13 @@ pub fn router(state: Arc<State>) -> Router {
         )
         .route("/download", get(download))
         .route("/download-archive", get(download_archive))
-        .route("/upload", axum::routing::options(tus_options).head(tus_head).patch(tus_patch))
+        .route(
+            "/upload",
+            axum::routing::options(tus_options)
+                .head(tus_head)
+                .patch(tus_patch)
+                .layer(axum::middleware::from_fn(tus_every_answer)),
+        )
         .with_state(state)
 }
 
@@ -278,7 +284,7 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// when the request has it twice: 400 naming it. Before, the first copy was taken,
 /// and a front proxy, cache or log that reads the other saw another request than
 /// the one served (and two `Upload-Offset`s answered 204 or 409 by their order).
-fn once(h: &HeaderMap, name: &str) -> Result<(), ApiError> {
+pub(crate) fn once(h: &HeaderMap, name: &str) -> Result<(), ApiError> {
     if h.get_all(name).iter().nth(1).is_some() {
         return Err(ApiError::Rejected {
             status: StatusCode::BAD_REQUEST,
@@ -291,17 +297,14 @@ fn once(h: &HeaderMap, name: &str) -> Result<(), ApiError> {
 /// The one media type a tus PATCH body may have (tus 1.0).
 const TUS_BODY: &str = "application/offset+octet-stream";
 
-/// tus 1.0's preconditions of a PATCH, as far as the original's clients allow: a
-/// `Tus-Resumable` of another version is 412 (with `Tus-Version`), a
-/// `Content-Type` other than [`TUS_BODY`] is 415. The original checks neither, and
-/// a client that sends no such field (a raw `curl -T`) is still served: only a
-/// field that says something else is refused. Every tus client sends both.
-/// The answer to a PATCH that fails them, `None` when it passes.
-fn tus_refusal(h: &HeaderMap) -> Option<Response> {
-    for name in ["Tus-Resumable", "Content-Type"] {
-        if let Err(e) = once(h, name) {
-            return Some(e.into_response());
-        }
+/// tus 1.0's version precondition, of every request but `OPTIONS`: a
+/// `Tus-Resumable` of another version is 412 (with `Tus-Version`), one given twice
+/// 400; none at all is served (the original checks none). Before, only a PATCH
+/// was checked, and a HEAD of version 0.2.2 was answered 200 (an outside tester's
+/// find).
+fn tus_version_refusal(h: &HeaderMap) -> Option<Response> {
+    if let Err(e) = once(h, "Tus-Resumable") {
+        return Some(e.into_response());
     }
     if let Some(v) = h.get("tus-resumable") {
         if v.as_bytes().trim_ascii() != b"1.0.0" {
@@ -310,11 +313,39 @@ fn tus_refusal(h: &HeaderMap) -> Option<Response> {
                 message: "Tus-Resumable names a protocol version this server does not speak: only 1.0.0 (Tus-Version)".into(),
             }
             .into_response();
-            tus_headers(resp.headers_mut());
             resp.headers_mut()
                 .insert("tus-version", HeaderValue::from_static("1.0.0"));
             return Some(resp);
         }
+    }
+    None
+}
+
+/// Every answer at `/upload` carries tus's headers (`Tus-Resumable`, and the
+/// CORS fields a browser's tus client needs to read it), its errors too (tus
+/// 1.0 asks for `Tus-Resumable` on every response; a browser hides from its
+/// script the status of an answer without `Access-Control-Allow-Origin`).
+/// Before, a 404, 409, 415 or 401 carried none (an outside tester's find).
+async fn tus_every_answer(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let mut resp = next.run(req).await;
+    if !resp.headers().contains_key("tus-resumable") {
+        tus_headers(resp.headers_mut());
+    }
+    resp
+}
+
+/// tus 1.0's preconditions of a PATCH, as far as the original's clients allow: a
+/// `Tus-Resumable` of another version is 412 (with `Tus-Version`), a
+/// `Content-Type` other than [`TUS_BODY`] is 415. The original checks neither, and
+/// a client that sends no such field (a raw `curl -T`) is still served: only a
+/// field that says something else is refused. Every tus client sends both.
+/// The answer to a PATCH that fails them, `None` when it passes.
+fn tus_refusal(h: &HeaderMap) -> Option<Response> {
+    if let Some(refused) = tus_version_refusal(h) {
+        return Some(refused);
+    }
+    if let Err(e) = once(h, "Content-Type") {
+        return Some(e.into_response());
     }
     if let Some(v) = h.get(axum::http::header::CONTENT_TYPE) {
         let essence = v
@@ -787,14 +818,22 @@ fn session(state: &State, q: &HashMap<String, String>) -> Result<Session, ApiErr
             unreachable_staged(e)
         }
     })?;
+    let size = c
+        .get("size")
+        .and_then(|v| v.as_u64())
+        .ok_or(ApiError::Session)?;
+    // Checked at use as at issue: a token of another issuer sharing the secret (or
+    // one issued before `max_upload_size` was lowered) uploads no more than this
+    // process takes. Before, such a token of 5,000 bytes (or 2^63) was written to
+    // a proxy whose limit is 1,000 (an outside tester's find).
+    if size > state.max_upload_size {
+        return Err(ApiError::TooLarge);
+    }
     Ok(Session {
         staging,
         root,
         destination,
-        size: c
-            .get("size")
-            .and_then(|v| v.as_u64())
-            .ok_or(ApiError::Session)?,
+        size,
         volume: volume.to_owned(),
         scope_name: super::volume::Vfid::parse(vfid)?.scope_name(),
         scope_key: state.volumes.scope_of(volume, vfid)?,
@@ -937,7 +976,11 @@ impl Completed {
 async fn tus_head(
     Extract(state): Extract<Arc<State>>,
     ApiQuery(q): ApiQuery<HashMap<String, String>>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    if let Some(refused) = tus_version_refusal(&headers) {
+        return Ok(refused);
+    }
     let st = state.clone();
     let query = q.clone();
     let (s, offset) = blocking(move || {
@@ -1442,6 +1485,27 @@ async fn patch(
                         unreachable_staged(e)
                     }
                 })?;
+            // One PATCH of an upload at a time in every process sharing the
+            // volume, not only in this one (`uploading`): an exclusive `flock` on
+            // the staged file, held until the PATCH lets the file go (after its
+            // rename into place, when it completes the upload). Before, a tus client
+            // retrying through another process (a second node behind one address)
+            // wrote beside a PATCH still running here: the other put the file in
+            // place, and this one's bytes went on into it (3,000 bytes for an upload
+            // of 2,000; an outside tester's find). A filesystem without `flock`
+            // keeps the process's own exclusion alone.
+            match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    return Err(ApiError::Conflict(
+                        "another PATCH to this upload is in progress",
+                    ))
+                }
+                Err(
+                    rustix::io::Errno::NOLCK | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS,
+                ) => {}
+                Err(e) => return Err(std::io::Error::from(e).into()),
+            }
             let current = rustix::fs::fstat(&fd)?;
             if FileType::from_raw_mode(current.st_mode) != FileType::RegularFile {
                 return Err(ApiError::NotFound);
@@ -1676,7 +1740,6 @@ async fn patch(
         // in place and answered 204, its declared size counted against the quota.
         let written = file.metadata()?;
         let on_disk = written.len();
-        drop(file);
         // And the file the PATCH wrote must still be the one under the session's
         // name: one replaced meanwhile (a directory, a symlink to `/etc`, another
         // file, from a shell in the vfolder) was renamed into place instead, answered
@@ -1723,6 +1786,8 @@ async fn patch(
             st.reservations.removed(&s.scope_key);
         }
         st.folders.changed(&s.folder_key);
+        // The PATCH's lock goes with its descriptor, once the file is in place.
+        drop(file);
         fsx::sync(parent.as_fd())?;
         Ok(s.id)
     })

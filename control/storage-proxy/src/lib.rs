@@ -102,6 +102,8 @@ pub struct State {
     /// Destinations of clones running in this process (their vfolder paths): a
     /// second clone to one is refused at once.
     pub cloning: Mutex<HashSet<PathBuf>>,
+    /// Woken as each background task ends: a stop waits on it for the last.
+    pub bgtask_ended: tokio::sync::Notify,
 }
 
 impl State {
@@ -948,6 +950,7 @@ pub fn state_with_events(
         metrics: Metrics::default(),
         stop: tokio::sync::watch::Sender::new(false),
         cloning: Mutex::new(HashSet::new()),
+        bgtask_ended: tokio::sync::Notify::new(),
     }))
 }
 
@@ -1055,15 +1058,17 @@ pub async fn serve(
     // Each task's event goes out within Redis's bound (two tries): waited for, no
     // longer than that.
     let reported = tokio::time::Instant::now() + BGTASKS_REPORT;
-    while state
-        .metrics
-        .observed
-        .bgtasks_running
-        .load(std::sync::atomic::Ordering::Relaxed)
-        > 0
-        && tokio::time::Instant::now() < reported
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    loop {
+        // Asked for before the count is read: an end between the two still wakes it.
+        let ended = state.bgtask_ended.notified();
+        let running = state
+            .metrics
+            .observed
+            .bgtasks_running
+            .load(std::sync::atomic::Ordering::Acquire);
+        if running == 0 || tokio::time::timeout_at(reported, ended).await.is_err() {
+            break;
+        }
     }
     Ok(addrs)
 }

@@ -50,6 +50,26 @@ fn manager_auth_and_request_ids() {
         b"",
     );
     assert_eq!(r.json()["volumes"][0]["name"], "local");
+    // The token given twice is refused whatever either copy holds (before, the
+    // secret followed by a wrong value passed).
+    for pair in [[TOKEN, "wrong"], ["wrong", TOKEN], [TOKEN, TOKEN]] {
+        let r = request(
+            p.manager,
+            "GET",
+            "/volumes",
+            &[
+                ("X-BackendAI-Storage-Auth-Token", pair[0]),
+                ("X-BackendAI-Storage-Auth-Token", pair[1]),
+            ],
+            b"",
+        );
+        assert_eq!(r.status, 400, "{pair:?}");
+        assert!(
+            String::from_utf8_lossy(&r.body).contains("X-BackendAI-Storage-Auth-Token"),
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
     // Direct client calls with no header get a generated ID too.
     let r = request(p.client, "GET", "/", &[], b"");
     assert!(r.header("x-backend-request-id").is_some());
@@ -351,6 +371,69 @@ fn cleanup_removes_expired_uploads_under_its_own_ids() {
     };
     assert_ne!(id, "upload-req");
     assert_eq!(passes.len(), count, "each pass has an ID of its own");
+}
+
+/// Two processes sharing a volume (two nodes behind one address): a PATCH running
+/// in one holds the upload from a PATCH sent through the other (409), as a second
+/// PATCH through the same process is held. Before, each process held its own
+/// uploads only: a tus client retrying through the other node had its PATCH
+/// served, the file put in place, and the first PATCH's bytes then went on into
+/// the placed file (3,000 bytes for an upload of 2,000; an outside tester's find).
+#[test]
+fn a_patch_running_in_one_process_holds_the_upload_from_another_sharing_the_volume() {
+    let p = Proxy::start("");
+    create_folder(&p);
+    let other = p.beside();
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "two.bin", "size": 2000}),
+    );
+    let mut slow = TcpStream::connect(p.client).expect("connect");
+    write!(slow, "PATCH /upload?token={token} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nContent-Length: 2000\r\n\r\n").expect("head");
+    slow.write_all(&[b'A'; 1000]).expect("the first half");
+    // The other process sees the first half on disk (a retrying client's HEAD).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while other.tus_head(&token).header("Upload-Offset") != Some("1000") {
+        assert!(Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = other.tus_patch(&token, "1000", &[b'B'; 1000]);
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("another PATCH to this upload is in progress"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(
+        !p.vfolder_path().join("two.bin").exists(),
+        "nothing in place yet"
+    );
+    // The first PATCH ends the upload, exactly its bytes.
+    slow.write_all(&[b'a'; 1000]).expect("the second half");
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = slow.read_uninterrupted(&mut buf).expect("response");
+        assert!(n > 0, "{}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        raw.starts_with(b"HTTP/1.1 204"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    let stored = std::fs::read(p.vfolder_path().join("two.bin")).expect("the upload");
+    assert_eq!(stored.len(), 2000);
+    assert!(stored[..1000].iter().all(|&b| b == b'A') && stored[1000..].iter().all(|&b| b == b'a'));
+    // Completed, the other process has nothing left to write to.
+    let r = other.tus_patch(&token, "1000", &[b'B'; 1000]);
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        std::fs::read(p.vfolder_path().join("two.bin")).expect("the upload"),
+        stored
+    );
 }
 
 #[test]
@@ -694,6 +777,38 @@ fn clone_with_a_file(p: &Proxy, last: &str, request_id: &str) -> appproxy_test_s
     );
     assert_eq!(r.status, 200);
     r
+}
+
+/// An upload token is checked against `max_upload_size` when it is used, as when
+/// it was issued: one issued before the limit was lowered (or by another issuer
+/// sharing the secret) uploads nothing past it. Before, a 5,000-byte token was
+/// written whole to a proxy whose limit was 1,000 (an outside tester's find).
+#[test]
+fn an_upload_token_past_the_size_limit_is_refused_at_use() {
+    let mut p = Proxy::start("max_upload_size = 5000\n");
+    create_folder(&p);
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "big.bin", "size": 5000}),
+    );
+    let config = p.dir.path().join("storage.toml");
+    let lowered = std::fs::read_to_string(&config)
+        .expect("config")
+        .replace("max_upload_size = 5000", "max_upload_size = 1000");
+    std::fs::write(&config, lowered).expect("config");
+    p.restart();
+    let r = p.tus_patch(&token, "0", &[7u8; 5000]);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert!(!p.vfolder_path().join("big.bin").exists());
+    let r = p.tus_head(&token);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    // A token within the limit still uploads.
+    let token = p.token(
+        "/folder/file/upload",
+        serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "small.bin", "size": 1000}),
+    );
+    let r = p.tus_patch(&token, "0", &[7u8; 1000]);
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
 }
 
 #[test]

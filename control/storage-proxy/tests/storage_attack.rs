@@ -3067,27 +3067,24 @@ fn a_write_that_fails_mid_body_keeps_and_counts_what_landed() {
 
     // Any other write the full volume refuses is said so too (507, the system's
     // words and errno kept), not a 400 that blames the caller.
+    let refused_full = |r: &appproxy_test_support::http::Resp| {
+        let body = String::from_utf8_lossy(&r.body);
+        assert_eq!(r.status, 507, "{body}");
+        assert_eq!(r.json()["code"], "insufficient-storage", "{body}");
+        assert_eq!(r.json()["errno"], 28, "{body}");
+    };
     let mut limited = scope.clone();
     limited["options"] = serde_json::json!({"limit_bytes": 1 << 30});
-    let r = p.manager("/quota-scope", limited, None);
-    assert_eq!(r.status, 507, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(r.json()["code"], "insufficient-storage");
-    assert_eq!(
-        r.json()["errno"],
-        28,
-        "{}",
-        String::from_utf8_lossy(&r.body)
-    );
+    refused_full(&p.manager("/quota-scope", limited, None));
     // A vfolder created with a limit for its new scope: refused whole, no vfolder
     // left behind unlimited (before, it stayed, and an upload of any size into it
     // was granted).
     let other = "user:0d0e0f10-1112-4314-9516-1718191a1b1c/00112233445566778899aabbccddeeff";
-    let r = p.manager(
+    refused_full(&p.manager(
         "/folder/create",
         serde_json::json!({"volume": "local", "vfid": other, "options": {"initial_max_size_for_quota_scope": 1 << 20}}),
         None,
-    );
-    assert_eq!(r.status, 507, "{}", String::from_utf8_lossy(&r.body));
+    ));
     assert!(
         !vol.join("0d0e0f101112431495161718191a1b1c/00/11/2233445566778899aabbccddeeff")
             .exists(),
@@ -4046,6 +4043,13 @@ fn duplicated_fields_and_tus_preconditions_are_refused() {
     );
     let r = refused(r, 412, "Tus-Resumable");
     assert_eq!(r.header("tus-version"), Some("1.0.0"));
+    // A HEAD declaring another version is refused alike (tus 1.0: every request
+    // but OPTIONS); before, it was answered 200.
+    let r = request(p.client, "HEAD", &path, &[("Tus-Resumable", "0.2.2")], b"");
+    assert_eq!(r.status, 412);
+    assert_eq!(r.header("tus-version"), Some("1.0.0"));
+    let r = request(p.client, "HEAD", &path, &tus[..1], b"");
+    assert_eq!(r.status, 200);
     let r = request(
         p.client,
         "PATCH",
@@ -4057,7 +4061,40 @@ fn duplicated_fields_and_tus_preconditions_are_refused() {
         ],
         b"01",
     );
-    refused(r, 415, "Content-Type");
+    let r = refused(r, 415, "Content-Type");
+    // Every answer at /upload carries tus's headers, its errors too (a browser's
+    // tus client reads none without CORS's): before, a 415, 409, 404 or 401 had
+    // none.
+    let tus_headed = |r: &appproxy_test_support::http::Resp| {
+        assert_eq!(r.header("tus-resumable"), Some("1.0.0"), "{}", r.status);
+        assert_eq!(
+            r.header("access-control-allow-origin"),
+            Some("*"),
+            "{}",
+            r.status
+        );
+    };
+    tus_headed(&r);
+    let wrong_offset = request(
+        p.client,
+        "PATCH",
+        &path,
+        &with(&[("Upload-Offset", "3")]),
+        b"3",
+    );
+    assert_eq!(wrong_offset.status, 409);
+    tus_headed(&wrong_offset);
+    for (method, status) in [("PATCH", 401), ("HEAD", 401)] {
+        let r = request(
+            p.client,
+            method,
+            "/upload?token=junk",
+            &with(&[("Upload-Offset", "0")]),
+            b"",
+        );
+        assert_eq!(r.status, status, "{method}");
+        tus_headed(&r);
+    }
     // Nothing was written by the refused ones.
     let r = request(
         p.client,

@@ -13,6 +13,9 @@ struct Args {
     config: ConfigArgs,
 }
 
+/// The shortest `session_secret` taken without a warning (bytes).
+const SESSION_SECRET_ADVISED: usize = 16;
+
 fn main() {
     appproxy_control_common::cli::main("appproxy-storage-proxy", run);
 }
@@ -54,6 +57,17 @@ fn run() -> anyhow::Result<()> {
     };
     appproxy_shared::telemetry::init(&config.logging, "storage-proxy")?;
     appproxy_shared::otlp::install(&config.telemetry, "storage-proxy")?;
+    // Every session token is an HMAC of this key, and a client holds one: a short
+    // key is found offline by trying keys against it, and then any token can be
+    // made. Said at start (the original took any key; a refusal would stop
+    // deployments carried over).
+    let key = config.secrets.session_secret.len();
+    if key < SESSION_SECRET_ADVISED {
+        tracing::warn!(
+            bytes = key,
+            "[secrets] session_secret is short: a client holding one token can search for it offline and then make any token; use 32 random bytes or more"
+        );
+    }
     appproxy_control_common::service::run(|shutdown| async move {
         appproxy_storage_proxy::serve(&config, shutdown).await
     })?;

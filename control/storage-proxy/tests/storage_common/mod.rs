@@ -192,6 +192,35 @@ impl Proxy {
         }
     }
 
+    /// A second process on this one's configuration and volume (ports of its own,
+    /// its log in a directory of its own), as two nodes sharing one volume are.
+    pub fn beside(&self) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::copy(
+            self.dir.path().join("storage.toml"),
+            dir.path().join("storage.toml"),
+        )
+        .expect("config");
+        let log_path = dir.path().join("storage.log");
+        let log = std::fs::File::create(&log_path).expect("log");
+        let mut child = spawn(dir.path(), &self.env, log, &self.prefix);
+        let addrs = serving::addrs(
+            &mut child,
+            &log_path,
+            0,
+            "storage-proxy serving",
+            &["manager", "client"],
+        );
+        Self {
+            child,
+            manager: addrs[0],
+            client: addrs[1],
+            dir,
+            env: self.env.clone(),
+            prefix: self.prefix.clone(),
+        }
+    }
+
     /// Stops the proxy and starts it again on the same configuration and volume (new
     /// ports): what it kept in memory is gone, what is on disk stays.
     pub fn restart(&mut self) {
