@@ -70,6 +70,9 @@ fn manager_auth_and_request_ids() {
             String::from_utf8_lossy(&r.body)
         );
     }
+    // The tests' session key is 11 bytes: said at start.
+    let log = p.log_holding("session_secret is short");
+    assert!(log.contains("\"bytes\":11"), "{log}");
     // Direct client calls with no header get a generated ID too.
     let r = request(p.client, "GET", "/", &[], b"");
     assert!(r.header("x-backend-request-id").is_some());
