@@ -496,6 +496,59 @@ impl CoordinatorSecrets {
     }
 }
 
+impl DatabaseSection {
+    /// With the embedded store: that its file can be written, and its directory,
+    /// where SQLite makes the journal (`-wal`, `-shm`) and the coordinator its lock
+    /// (`.lock`). Checked by `--check-config` and at start; before, `--check-config`
+    /// said "config ok" for a read-only directory, and the start then failed with
+    /// SQLite's "unable to open database file", naming neither the file's directory
+    /// nor its mode (an outside tester's find).
+    pub fn check_sqlite_writable(&self) -> Result<(), String> {
+        use rustix::fs::Access;
+        if self.url.is_some() {
+            return Ok(());
+        }
+        let file = &self.sqlite_path;
+        let dir = match file.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let unusable = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
+            format!(
+                "[database] sqlite_path {}: {what} {} {e}: the coordinator makes the store, its journal and its lock there (or give [database] url for PostgreSQL)",
+                file.display(),
+                path.display()
+            )
+        };
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(unusable("its directory", dir, &"is not a directory")),
+            Err(e) => {
+                return Err(unusable(
+                    "its directory",
+                    dir,
+                    &format!("cannot be used ({e})"),
+                ))
+            }
+        }
+        rustix::fs::access(dir, Access::WRITE_OK | Access::EXEC_OK).map_err(|e| {
+            unusable(
+                "its directory",
+                dir,
+                &format!("is not writable ({})", std::io::Error::from(e)),
+            )
+        })?;
+        match rustix::fs::access(file, Access::READ_OK | Access::WRITE_OK) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(unusable(
+                "the file",
+                file,
+                &format!("is not writable ({})", std::io::Error::from(e)),
+            )),
+        }
+    }
+}
+
 /// `[database]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

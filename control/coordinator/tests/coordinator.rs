@@ -4811,6 +4811,53 @@ fn the_binary_refuses_a_bad_config_naming_the_file_the_key_and_the_fix() {
         "[coordinator]\nbind = \"192.0.2.1:1\"\n[secrets]\napi_secret = \"a\"\njwt_secret = \" \"\n[database]\nsqlite_path = \"x.sqlite3\"\n",
         &["jwt_secret", "not blank"],
     );
+    // The embedded store's directory must be there and writable: said by the
+    // check, naming it (before, `--check-config` said "config ok", and the start
+    // failed with SQLite's "unable to open database file").
+    appproxy_test_support::config::assert_binary_refuses(
+        env!("CARGO_BIN_EXE_appproxy-coordinator"),
+        "[coordinator]\nbind = \"192.0.2.1:1\"\n[secrets]\napi_secret = \"a\"\njwt_secret = \"b\"\n[database]\nsqlite_path = \"missing-dir/c.sqlite3\"\n",
+        &["sqlite_path", "missing-dir", "cannot be used"],
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("plain"), b"").expect("a file");
+    let locked = dir.path().join("locked");
+    std::fs::create_dir(&locked).expect("dir");
+    std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o555))
+        .expect("chmod");
+    for (path, said) in [
+        ("plain/c.sqlite3", "is not a directory"),
+        ("locked/c.sqlite3", "is not writable"),
+    ] {
+        let config = dir.path().join("c.toml");
+        std::fs::write(
+            &config,
+            format!("[coordinator]\nbind = \"192.0.2.1:1\"\n[secrets]\napi_secret = \"a\"\njwt_secret = \"b\"\n[database]\nsqlite_path = \"{path}\"\n"),
+        )
+        .expect("config");
+        // Run by root, without the capability that writes past a directory's mode
+        // (as a service user runs).
+        let mut cmd = if rustix::process::geteuid().is_root() {
+            let mut c = std::process::Command::new("setpriv");
+            c.args(["--bounding-set=-dac_override,-dac_read_search", "--"]);
+            c.arg(env!("CARGO_BIN_EXE_appproxy-coordinator"));
+            c
+        } else {
+            std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
+        };
+        let out = cmd
+            .arg("--check-config")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{path}: {err}");
+        assert!(
+            err.contains(said) && err.contains("sqlite_path"),
+            "{path}: {err}"
+        );
+    }
 }
 
 /// The coordinator configs in `deploy/` are ones the coordinator takes as they are,

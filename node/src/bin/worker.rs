@@ -181,6 +181,9 @@ fn load(path: &Path) -> anyhow::Result<Loaded> {
                     file.display()
                 );
             }
+            cc.database
+                .check_sqlite_writable()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             // Its listener is this process's too: on a port of the range it holds
             // a port the coordinator itself may place a circuit on.
             if config.takes_from_the_range(cc.coordinator.bind) {

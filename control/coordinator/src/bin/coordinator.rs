@@ -32,6 +32,10 @@ fn run() -> anyhow::Result<()> {
                     path.display()
                 );
             }
+            config
+                .database
+                .check_sqlite_writable()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             // `[telemetry]` too, so --check-config catches a bad endpoint or CA file.
             appproxy_shared::otlp::Settings::from_config(&config.telemetry, "coordinator")?;
             Ok(config)
