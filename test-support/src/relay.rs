@@ -1,6 +1,6 @@
 //! A TCP relay between a process under test and a server (a coordinator,
-//! PostgreSQL) that a test can freeze: a stopped peer or a stalled network path
-//! without stopping anything.
+//! PostgreSQL, Redis) that a test can freeze — a stopped peer or a stalled network
+//! path without stopping anything — or have cut the server's answers short.
 
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -17,6 +17,8 @@ pub struct Relay {
     pub frozen: Arc<std::sync::atomic::AtomicBool>,
     /// Connections taken, frozen or not.
     pub taken: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set: each answer from the server is cut short (see [`Relay::cut`]).
+    pub cutting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Relay {
@@ -28,21 +30,23 @@ impl Relay {
         let addr = l.local_addr().expect("addr");
         let frozen = Arc::new(AtomicBool::new(false));
         let taken = Arc::new(AtomicUsize::new(0));
-        let (flag, count) = (frozen.clone(), taken.clone());
+        let cutting = Arc::new(AtomicBool::new(false));
+        let (flag, count, cut) = (frozen.clone(), taken.clone(), cutting.clone());
         std::thread::spawn(move || {
             for client in l.incoming().flatten() {
                 count.fetch_add(1, Ordering::SeqCst);
                 let Ok(server) = TcpStream::connect(to) else {
                     continue;
                 };
-                for (mut from, mut into) in [
+                for (mut from, mut into, answers) in [
                     (
                         client.try_clone().expect("clone"),
                         server.try_clone().expect("clone"),
+                        false,
                     ),
-                    (server, client),
+                    (server, client, true),
                 ] {
-                    let flag = flag.clone();
+                    let (flag, cut) = (flag.clone(), cut.clone());
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16384];
                         loop {
@@ -60,6 +64,13 @@ impl Relay {
                                 }
                                 Ok(n) => n,
                             };
+                            if answers && cut.load(Ordering::SeqCst) {
+                                // Half the answer, then the connection closed.
+                                let _ = into.write_all(&buf[..n.div_ceil(2)]);
+                                let _ = into.shutdown(std::net::Shutdown::Both);
+                                let _ = from.shutdown(std::net::Shutdown::Both);
+                                return;
+                            }
                             if into.write_all(&buf[..n]).is_err() {
                                 return;
                             }
@@ -72,6 +83,7 @@ impl Relay {
             addr,
             frozen,
             taken,
+            cutting,
         }
     }
 
@@ -79,6 +91,14 @@ impl Relay {
     pub fn freeze(&self, frozen: bool) {
         self.frozen
             .store(frozen, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Cuts each answer of the server short (`true`: half of what it sent, then
+    /// the connection closed both ways, as a balancer resetting connections
+    /// mid-answer does), or lets answers through whole again.
+    pub fn cut(&self, cutting: bool) {
+        self.cutting
+            .store(cutting, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Connections taken so far.

@@ -38,6 +38,17 @@
 //! count is added twice and an event (`XADD`, `PUBLISH`: a circuit event may go
 //! out up to four times with its own retry) reaches the manager twice rather than
 //! never — the trade this makes.
+//!
+//! The manager reconnects by itself only after an I/O error. A reconnection whose
+//! handshake met an answer it could not read (cut short by a balancer resetting
+//! connections mid-answer, not RESP, of an unexpected type) stayed its failure for
+//! every call after it, however healthy Redis was again: no lease, no heartbeat
+//! mark, every creation 503, until a restart (an outside tester's find: one second
+//! of such answers was enough). A call whose answer is unreadable (a parse error:
+//! the connection's framing is lost) now has a fresh manager opened as an
+//! unanswered one does, and so does any call once every call has failed for
+//! [`FAILING_FOR`] with errors that are no server's error reply (a reply such as
+//! `OOM` or `READONLY` comes over a connection that works).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,6 +60,10 @@ use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 /// A call's answer must come within this, a little under the callers' own bound
 /// ([`crate::REDIS_CALL_TIMEOUT`]), so that it is this layer that sees the timeout.
 pub const ANSWER_WITHIN: Duration = Duration::from_millis(1_800);
+
+/// Every call failing this long, none with a server's error reply, has a fresh
+/// manager opened (see the module's header).
+pub const FAILING_FOR: Duration = Duration::from_secs(3);
 
 /// How long [`RedisConn::connect`] waits before its second attempt.
 const FIRST_CONNECTION_RETRY: Duration = Duration::from_secs(1);
@@ -64,6 +79,9 @@ struct Link {
     current: Mutex<ConnectionManager>,
     /// A replacement is being opened.
     replacing: AtomicBool,
+    /// Since when every call has failed without a server's error reply (`None`:
+    /// the last call was answered).
+    failing_since: Mutex<Option<std::time::Instant>>,
 }
 
 impl RedisConn {
@@ -90,6 +108,7 @@ impl RedisConn {
             config,
             current: Mutex::new(manager),
             replacing: AtomicBool::new(false),
+            failing_since: Mutex::new(None),
         })))
     }
 
@@ -101,14 +120,14 @@ impl RedisConn {
             .clone()
     }
 
-    /// A call went unanswered: open a fresh manager in the background (one at a
-    /// time); the calls after it is connected use it.
-    fn replace(&self) {
+    /// A call went unanswered (`why`): open a fresh manager in the background
+    /// (one at a time); the calls after it is connected use it.
+    fn replace(&self, why: &str) {
         if self.0.replacing.swap(true, Ordering::AcqRel) {
             return;
         }
         crate::events::count_command_reconnect();
-        tracing::warn!("redis call unanswered; opening a fresh connection");
+        tracing::warn!("redis {why}; opening a fresh connection");
         let link = self.0.clone();
         tokio::spawn(async move {
             let opened = tokio::time::timeout(
@@ -147,8 +166,27 @@ impl RedisConn {
         let answered = tokio::time::timeout(ANSWER_WITHIN, call).await;
         let result = answered
             .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()));
-        if result.as_ref().is_err_and(|e| e.is_timeout()) {
-            self.replace();
+        let mut since = self
+            .0
+            .failing_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match &result {
+            // A server's error reply came over a connection that works.
+            Ok(_) => *since = None,
+            Err(e) if e.code().is_some() => *since = None,
+            Err(e) => {
+                let now = std::time::Instant::now();
+                let failing = *since.get_or_insert(now);
+                if e.is_timeout() {
+                    self.replace("call unanswered");
+                } else if e.kind() == redis::ErrorKind::ParseError {
+                    self.replace("answer unreadable");
+                } else if now.duration_since(failing) >= FAILING_FOR {
+                    *since = Some(now);
+                    self.replace(&format!("calls failing for {} s", FAILING_FOR.as_secs()));
+                }
+            }
         }
         result
     }
@@ -221,6 +259,56 @@ mod tests {
                 .await
                 .expect("XLEN");
             assert_eq!(len, 1, "added once");
+        });
+    }
+
+    /// Answers cut short while the manager reconnects (a balancer resetting
+    /// connections mid-answer) leave no lasting failure: once Redis answers
+    /// whole again, calls are carried out. Before, the reconnection's failed
+    /// handshake (a parse error, no I/O error) stayed the manager's answer to
+    /// every call until the process was restarted.
+    #[test]
+    fn answers_cut_short_during_a_reconnection_leave_no_lasting_failure() {
+        let redis = appproxy_test_support::redis::Redis::start();
+        let relay = appproxy_test_support::relay::Relay::start(([127, 0, 0, 1], redis.port).into());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            // A database other than 0, as the coordinator's: the handshake selects
+            // it, and that answer cut short is what the manager kept.
+            let client = redis::Client::open(format!("redis://{}/6", relay.addr)).expect("url");
+            let mut conn = RedisConn::connect(client, ConnectionManagerConfig::new())
+                .await
+                .expect("connect");
+            let ping = |mut conn: RedisConn| async move {
+                redis::cmd("PING").query_async::<String>(&mut conn).await
+            };
+            assert_eq!(ping(conn.clone()).await.expect("PING"), "PONG");
+            relay.cut(true);
+            // The answer cut short, and the reconnections it starts meet the same.
+            for _ in 0..3 {
+                assert!(ping(conn.clone()).await.is_err());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            relay.cut(false);
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let mut last = ping(conn.clone()).await;
+            while last.is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "never carried out again: {last:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                last = ping(conn.clone()).await;
+            }
+            let _: () = redis::cmd("SET")
+                .arg("after")
+                .arg("1")
+                .query_async(&mut conn)
+                .await
+                .expect("SET once answers are whole");
         });
     }
 }
