@@ -20,7 +20,12 @@ pub enum ProxyProtocol {
     Http,
     /// gRPC (HTTP/2 upstream).
     Grpc,
-    /// HTTP/2.
+    /// HTTP/2: `h2` on the wire, as the original's `ProxyProtocol.HTTP2`
+    /// (`"http2"`, which this model wrote before, is read too: rows stored then,
+    /// worker files that say it). Written as `http2`, an original worker failed
+    /// to read the event and every circuit list holding one (an outside tester's
+    /// find).
+    #[serde(rename = "h2", alias = "http2")]
     Http2,
     /// Raw TCP relay.
     Tcp,
@@ -556,6 +561,36 @@ mod tests {
         assert_eq!(json["frontend_mode"], "port");
         let back: Circuit = serde_json::from_value(json).expect("again");
         assert_eq!(back, c);
+    }
+
+    /// Protocols by the original's wire values (`ProxyProtocol` in its
+    /// `common/types.py`): HTTP/2 is `h2`; `http2`, written before, is read too.
+    #[test]
+    fn protocols_use_the_originals_wire_values() {
+        for (p, wire) in [
+            (ProxyProtocol::Http, "http"),
+            (ProxyProtocol::Grpc, "grpc"),
+            (ProxyProtocol::Http2, "h2"),
+            (ProxyProtocol::Tcp, "tcp"),
+            (ProxyProtocol::Preopen, "preopen"),
+        ] {
+            assert_eq!(serde_json::to_value(p).expect("write"), wire);
+            assert_eq!(
+                serde_json::from_value::<ProxyProtocol>(wire.into()).expect("read"),
+                p
+            );
+        }
+        assert_eq!(
+            serde_json::from_str::<ProxyProtocol>("\"http2\"").expect("the older name"),
+            ProxyProtocol::Http2
+        );
+        let c: Circuit = serde_json::from_str(&WIRE_CIRCUIT.replace(
+            "\"protocol\":\"http\",\n \"worker\"",
+            "\"protocol\":\"h2\",\n \"worker\"",
+        ))
+        .expect("an h2 circuit");
+        assert_eq!(c.protocol, ProxyProtocol::Http2);
+        assert_eq!(serde_json::to_value(&c).expect("write")["protocol"], "h2");
     }
 
     /// `upstream_reuse` is left out when unset (the circuit reads as before to an
