@@ -841,6 +841,10 @@ async fn accept_until_stopped(core: &Rc<Core>, listener: &Listener, stop: &Signa
                 }
             },
             Err(e) => {
+                // Out of descriptors: idle app connections give theirs back first.
+                if core.shed_idle_for(&e) {
+                    continue;
+                }
                 // Out of descriptors or memory: back off instead of spinning.
                 let pause = core.accept_failed(port, &e);
                 if stop.unless_fired(core.reactor.sleep(pause)).await.is_none() {

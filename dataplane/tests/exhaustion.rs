@@ -656,6 +656,116 @@ fn out_of_descriptors_is_503_never_an_upstream_failure_and_health_still_answers(
     });
 }
 
+/// Out of descriptors, the core's idle app connections (a cache, counted in no
+/// cap) give theirs back: a client's app connection that could not be opened is
+/// opened once they are closed, and a client the accept could not take is taken
+/// (answered, here with the 503 of a connect that finds none left). Before, the
+/// pooled connections held their descriptors: the first client got 503
+/// `out_of_descriptors`, the second waited in the listen backlog, unanswered, for
+/// as long as they stayed idle (an outside tester's find).
+#[test]
+fn out_of_descriptors_idle_app_connections_give_theirs_back() {
+    let up = Upstream::start();
+    let w = Worker::start(WorkerOpts {
+        cores: 1,
+        upstreams: vec![up.addr],
+        extra: "[limits]\nmax_connections_per_core = 100000\n[timeouts]\nbody_idle_secs = 300\n"
+            .into(),
+        ..Default::default()
+    });
+    let pid = w.pid();
+    common::resting_fds(&w);
+    // Four app connections at once (each request's body held until all four are
+    // open), then idle in the pool; their clients leave.
+    let mut posts = Vec::new();
+    for _ in 0..4 {
+        let app_conns = up.connections.load(std::sync::atomic::Ordering::Relaxed);
+        let mut c = Client::connect(w.addr());
+        c.send(b"POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nx");
+        eventually("the POST's app connection is open", || {
+            up.connections.load(std::sync::atomic::Ordering::Relaxed) == app_conns + 1
+        });
+        posts.push(c);
+    }
+    for mut c in posts {
+        c.send(b"y");
+        assert_eq!(c.response().status, 200);
+    }
+    let rest = common::resting_fds(&w);
+    // Descriptors used up until one is left, by clients whose bodies have not
+    // started (one descriptor each; see the test above for the count).
+    let (_, max) = open_fds(pid);
+    let limit = max + 1 + 12;
+    set_nofile(pid, limit);
+    let mut held = Vec::new();
+    let fill = |held: &mut Vec<Client>, leave: u64| loop {
+        let (used, _) = open_fds(pid);
+        if limit - used - 1 <= leave {
+            break;
+        }
+        let mut c = Client::connect(w.addr());
+        c.send(b"POST /stalled HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n");
+        eventually("the stalled POST is accepted", || {
+            open_fds(pid).0 == used + 1
+        });
+        held.push(c);
+    };
+    fill(&mut held, 1);
+    assert!(open_fds(pid).0 >= rest, "{rest}");
+    // One left: the client is accepted, its app connection is opened once the idle
+    // ones are closed.
+    let mut c = Client::connect(w.addr());
+    let r = c.get("/ok", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    w.wait_log("idle app connections closed", |v| {
+        v["message"] == "out of file descriptors: idle app connections closed to free them"
+            && v["closed"].as_u64() >= Some(1)
+    });
+    let (before, _) = open_fds(pid);
+    drop(c);
+    eventually("the GET's client connection closed", || {
+        open_fds(pid).0 == before - 1
+    });
+    // One left and one idle app connection (the GET's): a client takes the last
+    // descriptor, and the accept after it (which fails as soon as no descriptor is
+    // left, a connection pending or not) gives the idle one back; a client after
+    // that is taken and answered (here 503: its connect finds none left). Before,
+    // it waited in the backlog for as long as the idle connection lived.
+    fill(&mut held, 1);
+    let shed = |w: &Worker| {
+        log_count(
+            w,
+            "out of file descriptors: idle app connections closed to free them",
+        )
+    };
+    assert_eq!(shed(&w), 1);
+    let mut last = Client::connect(w.addr());
+    last.send(b"POST /stalled HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n");
+    eventually("the idle app connection given back", || shed(&w) == 2);
+    held.push(last);
+    let mut s = TcpStream::connect(w.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /ok HTTP/1.1\r\nHost: t\r\n\r\n")
+        .expect("send");
+    let mut head = [0u8; 12];
+    let got = s.read_exact(&mut head);
+    assert!(
+        got.is_ok(),
+        "the client was never taken from the backlog: {got:?}"
+    );
+    let head = String::from_utf8_lossy(&head);
+    assert!(
+        head.starts_with("HTTP/1.1 503") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    drop(held);
+    eventually("the app serves again", || {
+        let mut c = Client::connect(w.addr());
+        c.get("/ok", "").status == 200
+    });
+}
+
 #[test]
 fn the_issue_scenario_300_slow_posts_under_512_descriptors_with_default_limits() {
     let up = Upstream::start();

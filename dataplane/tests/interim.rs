@@ -118,6 +118,48 @@ fn an_app_failing_after_an_interim_head_is_a_final_502() {
     assert_eq!(c.get("/after", "").json()["path"], "/after");
 }
 
+/// Whatever ends an exchange after interim heads went out, the client gets a
+/// final answer (a 502: interim heads commit to nothing), and the access line's
+/// `bytes_out` is every byte it was sent, the interim heads too. Before, a final
+/// head whose chunked body broke before its first byte ended the connection
+/// after the 103 with no answer, and the line of a 502 after interim heads
+/// counted the 502 alone (an outside tester's find: 295 bytes logged of 583
+/// sent).
+#[test]
+fn after_interim_heads_a_failure_is_a_502_and_every_byte_sent_is_counted() {
+    let app = LenientApp::start();
+    let w = worker_for(&app);
+    for (path, id, code) in [
+        ("/interim-then-close", "interim-bytes-1", "upstream_closed"),
+        (
+            "/interim?n=20000",
+            "interim-bytes-2",
+            "upstream_invalid_response",
+        ),
+        (
+            "/interim-then-bad-chunk",
+            "interim-bytes-3",
+            "upstream_invalid_response",
+        ),
+    ] {
+        let raw = exchange_to_close(
+            &w,
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nX-Backend-Request-ID: {id}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        assert!(raw.starts_with("HTTP/1.1 103 "), "{path}: {raw}");
+        let last = &raw[raw.rfind("HTTP/1.1 ").expect("a head")..];
+        assert!(last.starts_with("HTTP/1.1 502 "), "{path}: {raw}");
+        assert!(
+            last.contains(&format!("\"code\":\"{code}\"")),
+            "{path}: {raw}"
+        );
+        let line = w.wait_access_line(id);
+        assert_eq!(line["status"], 502, "{path}: {line}");
+        assert_eq!(line["bytes_out"], raw.len() as u64, "{path}: {line}");
+    }
+}
+
 #[test]
 fn http10_clients_get_no_interim_responses() {
     let app = LenientApp::start();

@@ -385,6 +385,27 @@ impl Core {
         }
     }
 
+    /// Out of file descriptors (`error`): closes the core's idle app connections
+    /// to free some, logged with their count. Whether any was closed (then what
+    /// failed is worth trying again at once). Before, the pool's idle connections
+    /// (up to 128 per app address, counted in no cap) held their descriptors while
+    /// a new client waited in the listen backlog for one, unanswered, and
+    /// requests were refused 503 (an outside tester's find).
+    pub fn shed_idle_for(&self, error: &std::io::Error) -> bool {
+        if !is_out_of_descriptors(error) {
+            return false;
+        }
+        let shed = self.pool.shed_idle();
+        if shed > 0 {
+            tracing::warn!(
+                core = self.cpu,
+                closed = shed,
+                "out of file descriptors: idle app connections closed to free them"
+            );
+        }
+        shed > 0
+    }
+
     /// Records a failed accept on `port` (counted, logged once per burst) and
     /// returns how long the accept loop backs off before trying again.
     pub fn accept_failed(&self, port: u16, error: &std::io::Error) -> std::time::Duration {

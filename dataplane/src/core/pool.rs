@@ -383,6 +383,18 @@ impl Pool {
         Some(oldest + self.idle_timeout)
     }
 
+    /// Closes every idle connection, plain and TLS, and returns how many: the
+    /// process ran out of file descriptors, and an idle connection is only a
+    /// cache, while a client waits for a descriptor.
+    pub fn shed_idle(&self) -> usize {
+        let shed = self.idle_count();
+        // Taken out first: the connections close with no borrow held.
+        let plain = std::mem::take(&mut *self.idle.borrow_mut());
+        let tls = std::mem::take(&mut *self.idle_tls.borrow_mut());
+        drop((plain, tls));
+        shed
+    }
+
     /// Number of idle connections.
     pub fn idle_count(&self) -> usize {
         self.idle.borrow().values().map(Vec::len).sum::<usize>()

@@ -196,10 +196,13 @@ impl Exchange {
 
     /// The access entry of this exchange when the app's answer did not reach the
     /// client (a refusal of `status`, or an abort: 0): the request's `head_bytes`
-    /// and the body bytes the app was given, the app tried last, nothing out.
+    /// and the body bytes the app was given, the app tried last, out only the
+    /// interim heads relayed before (the refusal's own bytes are added where it is
+    /// sent). Before, those interim heads were left out (an outside tester's find).
     fn unanswered_entry(&self, status: u16, head_bytes: u64) -> AccessEntry<'_> {
         let bytes_in = head_bytes + self.side.body_in.get();
-        self.entry(status, (bytes_in, 0), self.side.addr.get())
+        let out = self.side.interim_out.get();
+        self.entry(status, (bytes_in, out), self.side.addr.get())
     }
 }
 
@@ -498,6 +501,8 @@ impl Client {
     pub(super) fn aborted(core: &Core, x: &Exchange, reason: &str) {
         tracing::info!(reason = %reason, "exchange aborted");
         core.metrics.add(counter::PROXY_ERRORS, 1);
+        core.metrics
+            .add(counter::BYTES_OUT, x.side.interim_out.get());
         core.record(&x.unanswered_entry(0, x.head.head_len as u64));
     }
 
@@ -581,7 +586,8 @@ impl Client {
 
     /// The one place where the proxy's own HTTP/1 answers are built and sent: the
     /// JSON error body with the request ID (none to a `HEAD`: `bodiless`), counted
-    /// and logged (`entry`'s `bytes_out` is filled in here).
+    /// and logged (the answer's bytes added to `entry`'s `bytes_out`: the interim
+    /// heads that went before it).
     async fn send_refusal(
         &mut self,
         entry: &AccessEntry<'_>,
@@ -596,9 +602,10 @@ impl Client {
         self.conn.set_timeout(core.rt.body_idle_timeout);
         let _ = self.conn.write_all(out).await;
         core.count_refusal(r);
-        core.metrics.add(counter::BYTES_OUT, out.len() as u64);
+        let bytes_out = entry.bytes_out + out.len() as u64;
+        core.metrics.add(counter::BYTES_OUT, bytes_out);
         core.record(&AccessEntry {
-            bytes_out: out.len() as u64,
+            bytes_out,
             ..*entry
         });
     }
@@ -1052,16 +1059,17 @@ impl Client {
         .await;
         match relayed {
             Ok(n) => bytes_out += n,
-            // Nothing reached the client yet (the head goes out with the first body
-            // bytes): it still gets a 502 instead of an empty reply.
-            Err((RelayError::Framing(what), 0)) if bytes_out == 0 => {
+            // Nothing reached the client yet but interim heads, which commit to
+            // nothing (the head goes out with the first body bytes): it still gets
+            // a 502 instead of an empty reply.
+            Err((RelayError::Framing(what), 0)) => {
                 tracing::warn!(upstream = %addr, error = what, "malformed chunked response body");
                 return Err(Failure::Answer(
                     ProxyError::UpstreamResponse(ResponseError::BadChunk(what)),
                     Left::Nothing,
                 ));
             }
-            Err((RelayError::Source(e), 0)) if bytes_out == 0 => {
+            Err((RelayError::Source(e), 0)) => {
                 return Err(Failure::Answer(
                     ProxyError::UpstreamClosed(e),
                     Left::Nothing,
@@ -1162,6 +1170,7 @@ impl Client {
                     .await
                     .map_err(|e| Failure::Abort(format!("client write: {e}")))?;
                 bytes_out += self.out.len() as u64;
+                x.side.interim_out.set(bytes_out);
             }
             self.ubuf.consume(resp.head_len);
             self.resp_fields = std::mem::take(&mut resp.headers);

@@ -28,6 +28,9 @@ pub struct AppSide {
     pub(crate) addr: Cell<Option<SocketAddr>>,
     /// The request body's payload bytes the app was given.
     pub(crate) body_in: Cell<u64>,
+    /// The interim heads (103 …) relayed to the client before a final one: the
+    /// access line's `bytes_out` counts them however the exchange ends.
+    pub(crate) interim_out: Cell<u64>,
 }
 
 impl AppSide {
@@ -173,7 +176,13 @@ pub(crate) async fn connect_as(
         tracing::debug!(upstream = %addr, cap = core.rt.max_upstream_conns, "upstream connection limit reached on this core ([upstream] max_connections_per_route)");
         return Err(ConnectError::Busy);
     };
-    match TcpConn::connect(&core.reactor, addr, core.rt.connect_timeout).await {
+    let mut connected = TcpConn::connect(&core.reactor, addr, core.rt.connect_timeout).await;
+    // Out of descriptors: idle app connections give theirs back, and the connect
+    // is tried once more.
+    if connected.as_ref().is_err_and(|e| core.shed_idle_for(e)) {
+        connected = TcpConn::connect(&core.reactor, addr, core.rt.connect_timeout).await;
+    }
+    match connected {
         Ok(mut conn) => {
             conn.count_in(slot);
             core.connect_succeeded();

@@ -227,6 +227,13 @@ fn serve(stream: TcpStream, conn: usize, seen: Arc<Mutex<Vec<Seen>>>) -> std::io
                 w.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")?;
                 return Ok(());
             }
+            "/interim-then-bad-chunk" => {
+                // An interim head, then a final one whose chunked body is broken
+                // before its first byte.
+                w.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")?;
+                w.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n")?;
+                return Ok(());
+            }
             "/obs-reason" => {
                 w.write_all(b"HTTP/1.1 200 O\xfbK\r\nContent-Length: 2\r\n\r\nok")?;
             }
