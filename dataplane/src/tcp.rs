@@ -48,7 +48,12 @@ async fn relay_connection(core: &Rc<Core>, client: TcpConn, peer: SocketAddr, lo
         tracing::warn!(%circuit, "tcp circuit has no route: closed");
         return;
     };
-    let upstream = match TcpConn::connect(&core.reactor, addr, core.rt.connect_timeout).await {
+    let mut first = TcpConn::connect(&core.reactor, addr, core.rt.connect_timeout).await;
+    // Out of descriptors: idle app connections give theirs back, tried once more.
+    if first.as_ref().is_err_and(|e| core.shed_idle_for(e)) {
+        first = TcpConn::connect(&core.reactor, addr, core.rt.connect_timeout).await;
+    }
+    let upstream = match first {
         Ok(c) => c,
         Err(e) => {
             if !connect_failed(core, &route, addr, &e) {

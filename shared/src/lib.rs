@@ -38,6 +38,8 @@ pub mod pubsub;
 pub mod rate_floor;
 #[cfg(feature = "redis")]
 pub mod redis_call;
+#[cfg(feature = "redis")]
+pub mod redis_link;
 pub mod request_id;
 pub mod secret;
 pub mod telemetry;

@@ -690,15 +690,69 @@ pub(super) struct TokenBody {
     exp: Value,
 }
 
-/// `exp` as ISO-8601 (UTC, `Z`) or epoch seconds.
+/// `exp` as the original's model (pydantic, lax `datetime`) reads it: epoch
+/// seconds (a number, or as text), or ISO-8601 — `T`, `t` or a space between date
+/// and time, seconds optional, `Z`, `z`, an offset (`±HH:MM`, `±HHMM`, `±HH`) or
+/// none (UTC), or a date alone (its midnight, UTC). Before, only UTC with `Z` or
+/// `+00:00` was taken, and a manager sending `+09:00` was refused 400 (an
+/// outside tester's find).
 fn epoch_of(v: &Value) -> Option<i64> {
-    match v {
-        Value::Number(n) => n.as_f64().map(|f| f as i64),
-        Value::String(s) => super::access::parse_rfc3339(s)
-            .or_else(|| super::access::parse_rfc3339(&format!("{}Z", s.trim_end_matches("+00:00"))))
-            .map(|f| f as i64),
+    let secs = match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => {
+            let s = s.trim();
+            s.parse::<f64>().ok().or_else(|| iso8601_epoch(s))
+        }
         _ => None,
+    }?;
+    (secs.is_finite() && secs.abs() < 1e15).then_some(secs as i64)
+}
+
+/// Unix seconds of an ISO-8601 time in the forms [`epoch_of`] names.
+fn iso8601_epoch(s: &str) -> Option<f64> {
+    use super::access::parse_rfc3339;
+    if s.len() == 10 {
+        return parse_rfc3339(&format!("{s}T00:00:00Z"));
     }
+    if !matches!(s.as_bytes().get(10), Some(b'T' | b't' | b' ')) {
+        return None;
+    }
+    let (date, rest) = (s.get(..10)?, s.get(11..)?);
+    let (time, offset) = match rest.strip_suffix(['Z', 'z']) {
+        Some(time) => (time, 0),
+        None => match rest.rfind(['+', '-']) {
+            Some(at) => (&rest[..at], offset_secs(&rest[at..])?),
+            None => (rest, 0),
+        },
+    };
+    // Seconds may be left out (`HH:MM`).
+    let time = if time.len() == 5 {
+        format!("{time}:00")
+    } else {
+        time.to_owned()
+    };
+    parse_rfc3339(&format!("{date}T{time}Z")).map(|t| t - offset as f64)
+}
+
+/// Seconds east of UTC of an ISO-8601 offset: `+09:00`, `-0530`, `+09`.
+fn offset_secs(z: &str) -> Option<i64> {
+    let sign = match z.as_bytes().first()? {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let d = &z[1..];
+    let (h, m) = match d.len() {
+        2 => (d, "00"),
+        4 => (&d[..2], &d[2..]),
+        5 if d.as_bytes()[2] == b':' => (&d[..2], &d[3..]),
+        _ => return None,
+    };
+    if !(h.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit())) {
+        return None;
+    }
+    let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
+    (h <= 23 && m <= 59).then_some(sign * (h * 3600 + m * 60))
 }
 
 pub(super) async fn token(
@@ -1057,5 +1111,55 @@ mod tls_url_tests {
             endpoint_url(&worker(false, true), &circuit),
             "https://w.example:10205"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::epoch_of;
+    use serde_json::json;
+
+    /// `exp` in every form the original's model takes, and none else.
+    #[test]
+    fn exp_is_read_as_the_originals_model_reads_it() {
+        // 2026-08-20T01:02:03Z
+        let t = 1_787_187_723;
+        for v in [
+            json!(t),
+            json!(t as f64 + 0.5),
+            json!(t.to_string()),
+            json!("2026-08-20T01:02:03Z"),
+            json!("2026-08-20T01:02:03z"),
+            json!("2026-08-20t01:02:03Z"),
+            json!("2026-08-20 01:02:03Z"),
+            json!("2026-08-20T01:02:03"),
+            json!("2026-08-20T01:02:03+00:00"),
+            json!("2026-08-20T10:02:03+09:00"),
+            json!("2026-08-20T10:02:03+0900"),
+            json!("2026-08-20T10:02:03+09"),
+            json!("2026-08-19T20:02:03-05:00"),
+            json!("2026-08-20T01:02:03.25Z"),
+            json!(" 2026-08-20T01:02:03Z "),
+        ] {
+            assert_eq!(epoch_of(&v), Some(t), "{v}");
+        }
+        assert_eq!(epoch_of(&json!("2026-08-20T01:02Z")), Some(t - 3));
+        assert_eq!(epoch_of(&json!("2026-08-20")), Some(t - 3723));
+        for bad in [
+            json!(null),
+            json!(true),
+            json!([t]),
+            json!(""),
+            json!("tomorrow"),
+            json!("inf"),
+            json!("NaN"),
+            json!("1e300"),
+            json!("2026-08-20X01:02:03Z"),
+            json!("2026-08-20T01:02:03+24:00"),
+            json!("2026-08-20T01:02:03+9"),
+            json!("2026-13-20T01:02:03Z"),
+        ] {
+            assert_eq!(epoch_of(&bad), None, "{bad}");
+        }
     }
 }

@@ -22,8 +22,10 @@ pub mod health;
 mod jobs;
 pub mod placement;
 mod proxy;
-pub mod redis_link;
 pub mod store;
+
+/// The Redis command connection (shared with the storage-proxy's events).
+pub use appproxy_shared::redis_link;
 
 pub use appproxy_shared::wire::MAX_CIRCUITS_PER_ANSWER;
 
@@ -1459,7 +1461,7 @@ impl Coordinator {
                 let connect = |client, what: String| {
                     let cfg = cfg.clone();
                     async move {
-                        redis_link::RedisConn::connect(client, cfg)
+                        redis_link::RedisConn::connect(client, cfg, events::count_command_reconnect)
                             .await
                             .map_err(|e| {
                                 anyhow::anyhow!(

@@ -69,6 +69,26 @@ fn conf_upstream_tls(body: &Value) -> Result<UpstreamTls, ApiError> {
     }
 }
 
+/// A port as pydantic's lax `int` reads one: a whole number, as JSON or as
+/// decimal text, or a float with no fraction. Before, `"80"` and `80.0`, which
+/// the original takes, were refused 400 (an outside tester's find).
+pub(super) fn lax_port(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= 65_535.0)
+                .map(|f| f as u64)
+        }),
+        Value::String(s) => {
+            let s = s.trim();
+            (!s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| s.parse().ok())
+                .flatten()
+        }
+        _ => None,
+    }
+}
+
 /// The `/v2/conf` body, checked whole before anything is stored.
 fn validate_conf(body: &Value) -> Result<(), ApiError> {
     let session = &body["session"];
@@ -120,8 +140,13 @@ fn validate_conf(body: &Value) -> Result<(), ApiError> {
 /// The caller's secret was checked before the body was read (`conf_auth`).
 pub(super) async fn conf(
     Extract(state): Extract<Arc<State>>,
-    Body(body): Body<Value>,
+    Body(mut body): Body<Value>,
 ) -> Result<Json<Value>, ApiError> {
+    // A port given as text or as a whole float (`"80"`, `80.0`) is taken, as the
+    // original's model (pydantic, lax) takes it, and stored as the number.
+    if let Some(port) = lax_port(&body["kernel_port"]) {
+        body["kernel_port"] = json!(port);
+    }
     validate_conf(&body)?;
     appproxy_shared::middleware::note_access_key(
         body["session"]["access_key"].as_str().unwrap_or_default(),
@@ -1580,6 +1605,37 @@ async fn withdraw(
                 "withdrawing the circuit of a failed creation ({why}) once the store answers"
             ));
             Err(Retry::No(e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lax_port;
+    use serde_json::json;
+
+    /// Ports as pydantic's lax `int` takes them; the range is checked after.
+    #[test]
+    fn ports_are_read_as_the_originals_model_reads_them() {
+        for (v, want) in [
+            (json!(80), Some(80)),
+            (json!("80"), Some(80)),
+            (json!(" 8080 "), Some(8080)),
+            (json!(80.0), Some(80)),
+            (json!(0), Some(0)),
+            (json!(70000), Some(70000)),
+            (json!(80.5), None),
+            (json!(-1), None),
+            (json!(-1.0), None),
+            (json!("80a"), None),
+            (json!("-80"), None),
+            (json!("+80"), None),
+            (json!(""), None),
+            (json!("123456"), None),
+            (json!(null), None),
+            (json!([80]), None),
+        ] {
+            assert_eq!(lax_port(&v), want, "{v}");
         }
     }
 }

@@ -1013,7 +1013,10 @@ async fn tus_head(
             headers.insert("upload-offset", HeaderValue::from(offset));
             match patch(&state, q, headers, Body::empty(), &mut None).await {
                 Ok(_) => offset,
-                // A PATCH that began meanwhile.
+                // A PATCH that began meanwhile, here or in another process.
+                Err(ApiError::Conflict(PATCH_RUNNING)) => {
+                    return Err(ApiError::Locked(FINISHING));
+                }
                 Err(ApiError::Conflict(_)) if leased() => {
                     return Err(ApiError::Locked(FINISHING));
                 }
@@ -1031,6 +1034,106 @@ async fn tus_head(
     h.insert("upload-length", HeaderValue::from(s.size));
     h.insert("cache-control", HeaderValue::from_static("no-store"));
     Ok(resp)
+}
+
+/// Why a PATCH (or the completion a HEAD makes) is refused while another runs.
+const PATCH_RUNNING: &str = "another PATCH to this upload is in progress";
+
+/// The directory of a quota scope's upload locks, in the scope's directory (beside
+/// its `.quota`): outside every vfolder, so no vfolder user can open a lock file,
+/// let alone hold one.
+pub const UPLOAD_LOCKS: &str = ".appproxy-upload-locks";
+
+/// The exclusive lock of one upload, held while a PATCH of it runs: one PATCH at a
+/// time in every process sharing the volume, not only in this one
+/// (`State::uploading`). Before, a tus client retrying through another process (a
+/// second node behind one address) wrote beside a PATCH still running here: the
+/// other put the file in place, and this one's bytes went on into it (3,000 bytes
+/// for an upload of 2,000; an outside tester's find). A `flock` on the staged file
+/// itself would let anyone who can read the vfolder (a read-only member of a
+/// shared one) hold every upload into it: the lock is an empty file of the
+/// proxy's own, `<scope>/.appproxy-upload-locks/<session>` (0600 in a 0700
+/// directory; nothing is made at the volume's root, whose layout is the
+/// platform's), removed as the PATCH ends. An old-style vfolder (no scope
+/// directory) and a filesystem without `flock` keep the process's own exclusion
+/// alone.
+struct UploadLock(Option<Held>);
+
+/// A lock file held: its directory, its descriptor, its name.
+struct Held {
+    dir: OwnedFd,
+    file: OwnedFd,
+    name: String,
+}
+
+impl UploadLock {
+    /// Takes the lock of upload `session` of a vfolder of quota scope `scope` on
+    /// `volume`; `None`: another holds it.
+    fn take(
+        state: &State,
+        volume: &str,
+        scope: Option<&str>,
+        session: &str,
+    ) -> Result<Option<Self>, ApiError> {
+        use rustix::io::Errno;
+        let Some(scope) = scope else {
+            return Ok(Some(Self(None)));
+        };
+        let scope = state.volumes.open_scope(volume, scope)?;
+        let name = std::ffi::OsStr::new(UPLOAD_LOCKS);
+        let dir = match fsx::child_dir(scope.as_fd(), name) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mode = rustix::fs::Mode::from_raw_mode(0o700);
+                match rustix::fs::mkdirat(&scope, UPLOAD_LOCKS, mode) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(std::io::Error::from(e).into()),
+                }
+                fsx::child_dir(scope.as_fd(), name)?
+            }
+            dir => dir?,
+        };
+        // A lock file is removed by its holder as it lets go: one opened just
+        // before may then be locked with no name left, while a third process makes
+        // and locks a new one. A lock counts only while its file still has the
+        // name (the usual lock-file rule); else it is taken again.
+        let flags = OFlags::CREATE | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        for _ in 0..8 {
+            let file =
+                rustix::fs::openat(&dir, session, flags, rustix::fs::Mode::from_raw_mode(0o600))
+                    .map_err(std::io::Error::from)?;
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {}
+                Err(Errno::WOULDBLOCK) => return Ok(None),
+                Err(Errno::NOLCK | Errno::OPNOTSUPP | Errno::NOSYS) => return Ok(Some(Self(None))),
+                Err(e) => return Err(std::io::Error::from(e).into()),
+            }
+            let held = rustix::fs::fstat(&file).map_err(std::io::Error::from)?;
+            let named = rustix::fs::statat(&dir, session, AtFlags::SYMLINK_NOFOLLOW);
+            if named.is_ok_and(|n| n.st_dev == held.st_dev && n.st_ino == held.st_ino) {
+                let name = session.to_owned();
+                return Ok(Some(Self(Some(Held { dir, file, name }))));
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Drop for UploadLock {
+    fn drop(&mut self) {
+        let Some(Held { dir, file, name }) = self.0.take() else {
+            return;
+        };
+        // Removed while still held (the descriptor closes after), then let go; a
+        // system call a slow volume may hold: on the blocking pool.
+        let release = move || {
+            let _ = rustix::fs::unlinkat(&dir, name.as_str(), AtFlags::empty());
+            drop(file);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(release)),
+            Err(_) => release(),
+        }
+    }
 }
 
 /// Removes a session from the in-progress set when the PATCH ends, however it ends.
@@ -1436,14 +1539,21 @@ async fn patch(
             .lock()
             .map_err(|_| ApiError::Conflict("upload state unavailable"))?;
         if !set.insert(s.id.clone()) {
-            return Err(ApiError::Conflict(
-                "another PATCH to this upload is in progress",
-            ));
+            return Err(ApiError::Conflict(PATCH_RUNNING));
         }
         Lease {
             state,
             id: s.id.clone(),
         }
+    };
+    // And in every other process sharing the volume (see `UploadLock`), held
+    // until the PATCH ends, past its completion.
+    let _locked = {
+        let (st, volume, id) = (state.clone(), s.volume.clone(), s.id.clone());
+        let scope = s.scope_name.clone();
+        blocking(move || UploadLock::take(&st, &volume, scope.as_deref(), &id))
+            .await?
+            .ok_or(ApiError::Conflict(PATCH_RUNNING))?
     };
     gone.staging = s.staging.try_clone().ok();
     // Bytes of the staged file no reservation holds count in the folder's usage and
@@ -1485,27 +1595,6 @@ async fn patch(
                         unreachable_staged(e)
                     }
                 })?;
-            // One PATCH of an upload at a time in every process sharing the
-            // volume, not only in this one (`uploading`): an exclusive `flock` on
-            // the staged file, held until the PATCH lets the file go (after its
-            // rename into place, when it completes the upload). Before, a tus client
-            // retrying through another process (a second node behind one address)
-            // wrote beside a PATCH still running here: the other put the file in
-            // place, and this one's bytes went on into it (3,000 bytes for an upload
-            // of 2,000; an outside tester's find). A filesystem without `flock`
-            // keeps the process's own exclusion alone.
-            match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => {}
-                Err(rustix::io::Errno::WOULDBLOCK) => {
-                    return Err(ApiError::Conflict(
-                        "another PATCH to this upload is in progress",
-                    ))
-                }
-                Err(
-                    rustix::io::Errno::NOLCK | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS,
-                ) => {}
-                Err(e) => return Err(std::io::Error::from(e).into()),
-            }
             let current = rustix::fs::fstat(&fd)?;
             if FileType::from_raw_mode(current.st_mode) != FileType::RegularFile {
                 return Err(ApiError::NotFound);
@@ -1786,7 +1875,6 @@ async fn patch(
             st.reservations.removed(&s.scope_key);
         }
         st.folders.changed(&s.folder_key);
-        // The PATCH's lock goes with its descriptor, once the file is in place.
         drop(file);
         fsx::sync(parent.as_fd())?;
         Ok(s.id)

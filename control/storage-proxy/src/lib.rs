@@ -27,6 +27,7 @@ use std::time::Duration;
 use appproxy_control_common::server;
 use appproxy_shared::header::IdPolicy;
 use appproxy_shared::middleware::RequestIdLayer;
+use appproxy_shared::redis_link::RedisConn;
 use appproxy_shared::IdVersion;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -815,9 +816,12 @@ pub const EVENT_CHANNEL: &str = "events_all";
 /// writing nothing and deaf to `SIGTERM` — for ever with a frozen Redis, 473 s with
 /// none — and every vfolder operation was down for events that are optional (an
 /// outside tester's find). Events emitted before it is open are not sent, and
-/// logged so; once open, the connection reconnects by itself.
+/// logged so; once open, the connection reconnects by itself, and is replaced
+/// when a call goes unanswered or its answer cannot be read (the coordinator's
+/// [`appproxy_shared::redis_link`]: before, a reconnection whose handshake met an
+/// answer cut short kept that failure, and no event went out until a restart).
 #[derive(Clone, Default)]
-pub struct Events(Arc<std::sync::OnceLock<redis::aio::ConnectionManager>>);
+pub struct Events(Arc<std::sync::OnceLock<RedisConn>>);
 
 /// The bound of one attempt to open the event bus's connection.
 const EVENTS_CONNECT: Duration = appproxy_shared::redis_call::REDIS_CALL_TIMEOUT;
@@ -834,25 +838,25 @@ impl Events {
         let events = Self::default();
         let slot = events.0.clone();
         tokio::spawn(async move {
-            // Its reconnections (once open) keep their retries, each wait at most
-            // a second: an event sent as Redis restarts waits for it rather than
-            // failing at the first refused attempt.
+            // Each reconnection (once open) is one attempt, and a call that meets
+            // a refused or dropped connection is sent once more on the next
+            // (`RedisConn`): an event sent as Redis restarts goes out on the fresh
+            // connection.
             let config = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(EVENTS_CONNECT)
-                .set_response_timeout(EVENTS_CONNECT)
-                .set_max_delay(1000);
+                .set_response_timeout(EVENTS_CONNECT);
             let mut wait = Duration::from_secs(1);
             loop {
-                let opening =
-                    redis::aio::ConnectionManager::new_with_config(client.clone(), config.clone());
-                let error = match tokio::time::timeout(EVENTS_CONNECT * 2, opening).await {
+                let opening = RedisConn::connect(client.clone(), config.clone(), || {});
+                // Two attempts, a second apart (`RedisConn::connect`).
+                let error = match tokio::time::timeout(EVENTS_CONNECT * 3, opening).await {
                     Ok(Ok(conn)) => {
                         let _ = slot.set(conn);
                         tracing::info!(url = %shown, "event bus connected");
                         return;
                     }
                     Ok(Err(e)) => e.to_string(),
-                    Err(_) => format!("no answer within {:?}", EVENTS_CONNECT * 2),
+                    Err(_) => format!("no answer within {:?}", EVENTS_CONNECT * 3),
                 };
                 tracing::warn!(url = %shown, error, retry_in_secs = wait.as_secs(), "cannot connect to the event bus ([redis] url); bgtask events are not sent until it answers");
                 tokio::time::sleep(wait).await;
@@ -885,21 +889,14 @@ pub async fn emit(state: &State, name: &str, payload: serde_json::Value) {
     let Ok(text) = serde_json::to_string(&msg) else {
         return;
     };
-    let publish = || async {
-        let mut conn = conn.clone();
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(EVENT_CHANNEL).arg(&text);
-        // A Redis that hangs costs a task's progress no more than the bound per event.
-        appproxy_shared::redis_call::bounded(cmd.query_async::<i64>(&mut conn)).await
-    };
-    let mut sent = publish().await;
+    let mut conn = conn.clone();
+    let mut cmd = redis::cmd("PUBLISH");
+    cmd.arg(EVENT_CHANNEL).arg(&text);
+    // A Redis that hangs costs a task's progress no more than the bound per event.
     // A Redis restarted since the last call left the connection stale: the first
-    // command fails (a broken pipe), never having reached it, and the manager
-    // reconnects. Sent once more on the fresh connection; before, the event was
-    // lost.
-    if sent.as_ref().is_err_and(|e| e.is_connection_dropped()) {
-        sent = publish().await;
-    }
+    // command fails (a broken pipe), never having reached it, and is sent once
+    // more on the fresh connection (`RedisConn`); before, the event was lost.
+    let sent = appproxy_shared::redis_call::bounded(cmd.query_async::<i64>(&mut conn)).await;
     if let Err(e) = sent {
         tracing::warn!(event = name, error = %e, "event not published");
     }

@@ -794,24 +794,28 @@ impl Made {
     /// volume: the clone fails).
     fn place(&self) -> std::io::Result<()> {
         use rustix::{fs::RenameFlags, io::Errno};
-        let rename = |flags| {
-            rustix::fs::renameat_with(
-                &self.parent,
-                self.name.as_os_str(),
-                &self.parent,
-                self.dest.as_os_str(),
-                flags,
-            )
-        };
-        let placed = match rename(RenameFlags::NOREPLACE) {
+        let placed = match rustix::fs::renameat_with(
+            &self.parent,
+            self.name.as_os_str(),
+            &self.parent,
+            self.dest.as_os_str(),
+            RenameFlags::NOREPLACE,
+        ) {
             // A filesystem without `RENAME_NOREPLACE`: looked at, then renamed.
-            Err(Errno::INVAL | Errno::NOSYS) => {
+            Err(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
                 match rustix::fs::statat(
                     &self.parent,
                     self.dest.as_os_str(),
                     AtFlags::SYMLINK_NOFOLLOW,
                 ) {
-                    Err(Errno::NOENT) => rename(RenameFlags::empty()),
+                    // `renameat` itself: `renameat_with` calls `renameat2` even
+                    // with no flags, which may be what was refused.
+                    Err(Errno::NOENT) => rustix::fs::renameat(
+                        &self.parent,
+                        self.name.as_os_str(),
+                        &self.parent,
+                        self.dest.as_os_str(),
+                    ),
                     Ok(_) => Err(Errno::EXIST),
                     Err(e) => Err(e),
                 }

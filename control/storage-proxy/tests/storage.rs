@@ -71,7 +71,7 @@ fn manager_auth_and_request_ids() {
         );
     }
     // The tests' session key is 11 bytes: said at start.
-    let log = p.log_holding("session_secret is short");
+    let log = p.log_holding("session_secret is under 16 bytes");
     assert!(log.contains("\"bytes\":11"), "{log}");
     // Direct client calls with no header get a generated ID too.
     let r = request(p.client, "GET", "/", &[], b"");
@@ -391,6 +391,18 @@ fn a_patch_running_in_one_process_holds_the_upload_from_another_sharing_the_volu
         "/folder/file/upload",
         serde_json::json!({"volume": "local", "vfid": VFID, "relpath": "two.bin", "size": 2000}),
     );
+    // A vfolder user (read-only, even) holding a `flock` on the staged file
+    // holds up nothing: the lock is the proxy's own, outside the vfolder.
+    let session = p.tus_head(&token);
+    assert_eq!(session.status, 200);
+    let staged: Vec<_> = std::fs::read_dir(p.vfolder_path().join(".upload"))
+        .expect("staging")
+        .flatten()
+        .collect();
+    assert_eq!(staged.len(), 1);
+    let user = std::fs::File::open(staged[0].path()).expect("the staged file, read-only");
+    rustix::fs::flock(&user, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .expect("the user's lock");
     let mut slow = TcpStream::connect(p.client).expect("connect");
     write!(slow, "PATCH /upload?token={token} HTTP/1.1\r\nHost: t\r\nUpload-Offset: 0\r\nContent-Length: 2000\r\n\r\n").expect("head");
     slow.write_all(&[b'A'; 1000]).expect("the first half");
@@ -437,6 +449,23 @@ fn a_patch_running_in_one_process_holds_the_upload_from_another_sharing_the_volu
         std::fs::read(p.vfolder_path().join("two.bin")).expect("the upload"),
         stored
     );
+    drop(user);
+    // The lock is no file of the vfolder's, and is gone with its PATCH.
+    let locks = p
+        .dir
+        .path()
+        .join("vol/3f2b8c1e9a4d4e6f8b7a1c2d3e4f5a6b/.appproxy-upload-locks");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&locks)
+            .expect("the volume's lock directory")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&locks).expect("locks").next().is_some() {
+        assert!(Instant::now() < deadline, "a lock file left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -760,6 +789,58 @@ fn a_redis_frozen_at_start_holds_up_neither_serving_nor_stopping() {
     let msg = sub.get_message().expect("an event");
     let text: String = msg.get_payload().expect("text");
     assert!(text.contains("evt-after-resume"), "{text}");
+}
+
+/// Redis answers cut short for a while (a balancer resetting connections
+/// mid-answer) stop events only while they last. Before, a reconnection whose
+/// handshake met an answer cut short (its retries spent within the window) kept
+/// that failure, and no event went out again until the proxy was restarted.
+#[test]
+fn events_go_out_again_once_redis_answers_whole() {
+    let redis = appproxy_test_support::redis::Redis::start();
+    let relay = appproxy_test_support::relay::Relay::start(([127, 0, 0, 1], redis.port).into());
+    // A database other than 0: the handshake selects it.
+    let p = Proxy::start_with(
+        "",
+        &format!("[redis]\nurl = \"redis://{}/3\"\n", relay.addr),
+    );
+    create_folder(&p);
+    p.log_holding("event bus connected");
+    relay.cut(true);
+    let cut_since = Instant::now();
+    // Events meanwhile are not published (logged), for longer than the client
+    // library's own reconnection retries last.
+    let mut n = 0;
+    while cut_since.elapsed() < Duration::from_secs(10) {
+        n += 1;
+        clone_with_a_file(&p, &format!("c{n}"), &format!("evt-cut-{n}"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(p.log().contains("event not published"), "{}", p.log());
+    relay.cut(false);
+    let mut conn = events_of(&redis.url());
+    let mut sub = conn.as_pubsub();
+    sub.subscribe("events_all").expect("subscribe");
+    sub.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        n += 1;
+        let id = format!("evt-whole-{n}");
+        clone_with_a_file(&p, &format!("d{n}"), &id);
+        let heard = sub
+            .get_message()
+            .ok()
+            .and_then(|m| m.get_payload::<String>().ok());
+        if heard.is_some_and(|text| text.contains("evt-whole-")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no event went out once Redis answered whole again: {}",
+            p.log()
+        );
+    }
 }
 
 /// A connection to the Redis at `url`, to subscribe to the proxy's events on.

@@ -383,8 +383,9 @@ impl Pool {
         Some(oldest + self.idle_timeout)
     }
 
-    /// Closes every idle connection, plain and TLS, and returns how many: the
-    /// process ran out of file descriptors, and an idle connection is only a
+    /// Closes every idle connection, plain and TLS, shared or private (a client's
+    /// own: that client opens another when it needs one), and returns how many:
+    /// the process ran out of file descriptors, and an idle connection is only a
     /// cache, while a client waits for a descriptor.
     pub fn shed_idle(&self) -> usize {
         let shed = self.idle_count();

@@ -65,7 +65,7 @@ fn run() -> anyhow::Result<()> {
     if key < SESSION_SECRET_ADVISED {
         tracing::warn!(
             bytes = key,
-            "[secrets] session_secret is short: a client holding one token can search for it offline and then make any token; use 32 random bytes or more"
+            "[secrets] session_secret is under 16 bytes: a client holding one token can search for it offline and then make any token; use 32 random bytes"
         );
     }
     appproxy_control_common::service::run(|shutdown| async move {

@@ -1,5 +1,6 @@
-//! The coordinator's Redis command connection: a `ConnectionManager` that is
-//! replaced when a call goes unanswered.
+//! The control plane's Redis command connection (the coordinator's commands, the
+//! storage-proxy's events): a `ConnectionManager` that is replaced when a call
+//! goes unanswered, or its answers cannot be read.
 //!
 //! The manager reconnects by itself when its connection breaks (a reset, a closed
 //! socket), but not when a call merely times out — and a connection dropped on the
@@ -47,8 +48,11 @@
 //! of such answers was enough). A call whose answer is unreadable (a parse error:
 //! the connection's framing is lost) now has a fresh manager opened as an
 //! unanswered one does, and so does any call once every call has failed for
-//! [`FAILING_FOR`] with errors that are no server's error reply (a reply such as
-//! `OOM` or `READONLY` comes over a connection that works).
+//! [`FAILING_FOR`] with errors that are no I/O error (which the manager answers
+//! with a reconnection of its own): a handshake's failure the manager keeps may
+//! read as a server's `ERR` ("refused to switch database"), so server replies
+//! count too; a server refusing every call for that long (`OOM`) costs a fresh
+//! connection per period.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,12 +61,14 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
+use crate::redis_call::REDIS_CALL_TIMEOUT;
+
 /// A call's answer must come within this, a little under the callers' own bound
-/// ([`crate::REDIS_CALL_TIMEOUT`]), so that it is this layer that sees the timeout.
+/// ([`REDIS_CALL_TIMEOUT`]), so that it is this layer that sees the timeout.
 pub const ANSWER_WITHIN: Duration = Duration::from_millis(1_800);
 
-/// Every call failing this long, none with a server's error reply, has a fresh
-/// manager opened (see the module's header).
+/// Every call failing this long (no I/O error: see the module's header) has a
+/// fresh manager opened.
 pub const FAILING_FOR: Duration = Duration::from_secs(3);
 
 /// How long [`RedisConn::connect`] waits before its second attempt.
@@ -79,8 +85,10 @@ struct Link {
     current: Mutex<ConnectionManager>,
     /// A replacement is being opened.
     replacing: AtomicBool,
-    /// Since when every call has failed without a server's error reply (`None`:
-    /// the last call was answered).
+    /// Called as each replacement starts (a metric of the caller's).
+    on_replace: fn(),
+    /// Since when every call has failed (no I/O error; `None`: the last call was
+    /// answered).
     failing_since: Mutex<Option<std::time::Instant>>,
 }
 
@@ -90,9 +98,11 @@ impl RedisConn {
     /// awaited by every call while Redis refused). The first connection is
     /// attempted twice, [`FIRST_CONNECTION_RETRY`] apart, as the manager's own
     /// retry did: a Redis starting with the coordinator may be a moment late.
+    /// `on_replace` is called as each replacement starts (to count them).
     pub async fn connect(
         client: redis::Client,
         config: ConnectionManagerConfig,
+        on_replace: fn(),
     ) -> RedisResult<Self> {
         let config = config.set_number_of_retries(0);
         let manager = match ConnectionManager::new_with_config(client.clone(), config.clone()).await
@@ -108,6 +118,7 @@ impl RedisConn {
             config,
             current: Mutex::new(manager),
             replacing: AtomicBool::new(false),
+            on_replace,
             failing_since: Mutex::new(None),
         })))
     }
@@ -126,12 +137,12 @@ impl RedisConn {
         if self.0.replacing.swap(true, Ordering::AcqRel) {
             return;
         }
-        crate::events::count_command_reconnect();
+        (self.0.on_replace)();
         tracing::warn!("redis {why}; opening a fresh connection");
         let link = self.0.clone();
         tokio::spawn(async move {
             let opened = tokio::time::timeout(
-                crate::REDIS_CALL_TIMEOUT * 2,
+                REDIS_CALL_TIMEOUT * 2,
                 ConnectionManager::new_with_config(link.client.clone(), link.config.clone()),
             )
             .await;
@@ -172,17 +183,19 @@ impl RedisConn {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         match &result {
-            // A server's error reply came over a connection that works.
             Ok(_) => *since = None,
-            Err(e) if e.code().is_some() => *since = None,
-            Err(e) => {
+            Err(e) if e.is_timeout() => self.replace("call unanswered"),
+            Err(e) if e.kind() == redis::ErrorKind::ParseError => self.replace("answer unreadable"),
+            // Refused, dropped, reset: the manager reconnects by itself.
+            Err(e) if e.is_io_error() => {}
+            // Anything else, for every call for `FAILING_FOR`: a failure the
+            // manager may be keeping (a handshake's, which may read as a server's
+            // `ERR`: "refused to switch database"), or the server's own for a
+            // while (a fresh connection costs one per period then).
+            Err(_) => {
                 let now = std::time::Instant::now();
                 let failing = *since.get_or_insert(now);
-                if e.is_timeout() {
-                    self.replace("call unanswered");
-                } else if e.kind() == redis::ErrorKind::ParseError {
-                    self.replace("answer unreadable");
-                } else if now.duration_since(failing) >= FAILING_FOR {
+                if now.duration_since(failing) >= FAILING_FOR {
                     *since = Some(now);
                     self.replace(&format!("calls failing for {} s", FAILING_FOR.as_secs()));
                 }
@@ -235,7 +248,7 @@ mod tests {
             .expect("runtime");
         rt.block_on(async {
             let client = redis::Client::open(redis.url()).expect("url");
-            let mut conn = RedisConn::connect(client, ConnectionManagerConfig::new())
+            let mut conn = RedisConn::connect(client, ConnectionManagerConfig::new(), || {})
                 .await
                 .expect("connect");
             let _: () = redis::cmd("SET")
@@ -262,6 +275,103 @@ mod tests {
         });
     }
 
+    /// A fake Redis on `listener`: `+OK` to everything (`+PONG` to `PING`), but
+    /// `-ERR` to `SELECT` while `refusing` is set; each connection is closed after
+    /// `closing` is set (then cleared).
+    fn fake_redis(
+        listener: std::net::TcpListener,
+        refusing: std::sync::Arc<AtomicBool>,
+        closing: std::sync::Arc<AtomicBool>,
+    ) {
+        use std::io::{BufRead as _, Write as _};
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (refusing, closing) = (refusing.clone(), closing.clone());
+                std::thread::spawn(move || {
+                    let mut out = conn.try_clone().expect("clone");
+                    let mut lines = std::io::BufReader::new(conn);
+                    loop {
+                        // `*N` then N bulk strings (`$len`, the text).
+                        let mut line = String::new();
+                        if lines.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let n: usize = line.trim().trim_start_matches('*').parse().unwrap_or(0);
+                        let mut words = Vec::new();
+                        for _ in 0..n * 2 {
+                            let mut w = String::new();
+                            if lines.read_line(&mut w).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            words.push(w.trim().to_owned());
+                        }
+                        if closing.swap(false, Ordering::SeqCst) {
+                            return;
+                        }
+                        let command = words.get(1).map(|w| w.to_ascii_uppercase());
+                        let answer: &[u8] = match command.as_deref() {
+                            Some("SELECT") if refusing.load(Ordering::SeqCst) => {
+                                b"-ERR not now\r\n"
+                            }
+                            Some("PING") => b"+PONG\r\n",
+                            _ => b"+OK\r\n",
+                        };
+                        if out.write_all(answer).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    /// A reconnection whose `SELECT` a server refused (an `ERR` reply, which the
+    /// client library keeps as the manager's answer to every call after it) leaves
+    /// no lasting failure once the server takes it again: every call failing for
+    /// [`FAILING_FOR`] has a fresh connection opened. Before, a server's error
+    /// reply reset that count, and the failure stayed until a restart (a
+    /// reviewer's find).
+    #[test]
+    fn a_reconnection_whose_select_was_refused_leaves_no_lasting_failure() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let refusing = std::sync::Arc::new(AtomicBool::new(false));
+        let closing = std::sync::Arc::new(AtomicBool::new(false));
+        fake_redis(listener, refusing.clone(), closing.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let client = redis::Client::open(format!("redis://{addr}/6")).expect("url");
+            let conn = RedisConn::connect(client, ConnectionManagerConfig::new(), || {})
+                .await
+                .expect("connect");
+            let ping = |mut conn: RedisConn| async move {
+                redis::cmd("PING").query_async::<String>(&mut conn).await
+            };
+            assert_eq!(ping(conn.clone()).await.expect("PING"), "PONG");
+            // The connection dropped while SELECT is refused: the reconnection fails.
+            refusing.store(true, Ordering::SeqCst);
+            closing.store(true, Ordering::SeqCst);
+            for _ in 0..3 {
+                let _ = ping(conn.clone()).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            refusing.store(false, Ordering::SeqCst);
+            let deadline = std::time::Instant::now() + FAILING_FOR * 4;
+            let mut last = ping(conn.clone()).await;
+            while last.is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "never carried out again: {last:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                last = ping(conn.clone()).await;
+            }
+        });
+    }
+
     /// Answers cut short while the manager reconnects (a balancer resetting
     /// connections mid-answer) leave no lasting failure: once Redis answers
     /// whole again, calls are carried out. Before, the reconnection's failed
@@ -279,7 +389,7 @@ mod tests {
             // A database other than 0, as the coordinator's: the handshake selects
             // it, and that answer cut short is what the manager kept.
             let client = redis::Client::open(format!("redis://{}/6", relay.addr)).expect("url");
-            let mut conn = RedisConn::connect(client, ConnectionManagerConfig::new())
+            let mut conn = RedisConn::connect(client, ConnectionManagerConfig::new(), || {})
                 .await
                 .expect("connect");
             let ping = |mut conn: RedisConn| async move {
