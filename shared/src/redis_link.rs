@@ -242,10 +242,7 @@ mod tests {
     #[test]
     fn the_first_call_after_a_restart_is_carried_out() {
         let mut redis = appproxy_test_support::redis::Redis::start();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = runtime();
         rt.block_on(async {
             let client = redis::Client::open(redis.url()).expect("url");
             let mut conn = RedisConn::connect(client, ConnectionManagerConfig::new(), || {})
@@ -273,6 +270,18 @@ mod tests {
                 .expect("XLEN");
             assert_eq!(len, 1, "added once");
         });
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    /// `PING` on `conn`.
+    async fn ping(mut conn: RedisConn) -> RedisResult<String> {
+        redis::cmd("PING").query_async(&mut conn).await
     }
 
     /// A fake Redis on `listener`: `+OK` to everything (`+PONG` to `PING`), but
@@ -338,18 +347,12 @@ mod tests {
         let refusing = std::sync::Arc::new(AtomicBool::new(false));
         let closing = std::sync::Arc::new(AtomicBool::new(false));
         fake_redis(listener, refusing.clone(), closing.clone());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = runtime();
         rt.block_on(async {
             let client = redis::Client::open(format!("redis://{addr}/6")).expect("url");
             let conn = RedisConn::connect(client, ConnectionManagerConfig::new(), || {})
                 .await
                 .expect("connect");
-            let ping = |mut conn: RedisConn| async move {
-                redis::cmd("PING").query_async::<String>(&mut conn).await
-            };
             assert_eq!(ping(conn.clone()).await.expect("PING"), "PONG");
             // The connection dropped while SELECT is refused: the reconnection fails.
             refusing.store(true, Ordering::SeqCst);
@@ -381,10 +384,7 @@ mod tests {
     fn answers_cut_short_during_a_reconnection_leave_no_lasting_failure() {
         let redis = appproxy_test_support::redis::Redis::start();
         let relay = appproxy_test_support::relay::Relay::start(([127, 0, 0, 1], redis.port).into());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = runtime();
         rt.block_on(async {
             // A database other than 0, as the coordinator's: the handshake selects
             // it, and that answer cut short is what the manager kept.
@@ -392,9 +392,6 @@ mod tests {
             let mut conn = RedisConn::connect(client, ConnectionManagerConfig::new(), || {})
                 .await
                 .expect("connect");
-            let ping = |mut conn: RedisConn| async move {
-                redis::cmd("PING").query_async::<String>(&mut conn).await
-            };
             assert_eq!(ping(conn.clone()).await.expect("PING"), "PONG");
             relay.cut(true);
             // The answer cut short, and the reconnections it starts meet the same.

@@ -1118,20 +1118,29 @@ impl UploadLock {
     }
 }
 
-impl Drop for UploadLock {
-    fn drop(&mut self) {
-        let Some(Held { dir, file, name }) = self.0.take() else {
-            return;
-        };
-        // Removed while still held (the descriptor closes after), then let go; a
-        // system call a slow volume may hold: on the blocking pool.
-        let release = move || {
+impl UploadLock {
+    /// Lets the lock go now (on the blocking pool, where a completion runs): its
+    /// file removed while still held, then closed. A PATCH that completes the
+    /// upload lets go before it answers, so a client told 204 that asks again
+    /// through another process is told the upload is gone, not held.
+    fn release(mut self) {
+        if let Some(Held { dir, file, name }) = self.0.take() {
             let _ = rustix::fs::unlinkat(&dir, name.as_str(), AtFlags::empty());
             drop(file);
-        };
+        }
+    }
+}
+
+impl Drop for UploadLock {
+    fn drop(&mut self) {
+        if self.0.is_none() {
+            return;
+        }
+        let held = Self(self.0.take());
+        // System calls a slow volume may hold: on the blocking pool.
         match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(release)),
-            Err(_) => release(),
+            Ok(rt) => drop(rt.spawn_blocking(move || held.release())),
+            Err(_) => held.release(),
         }
     }
 }
@@ -1548,7 +1557,7 @@ async fn patch(
     };
     // And in every other process sharing the volume (see `UploadLock`), held
     // until the PATCH ends, past its completion.
-    let _locked = {
+    let locked = {
         let (st, volume, id) = (state.clone(), s.volume.clone(), s.id.clone());
         let scope = s.scope_name.clone();
         blocking(move || UploadLock::take(&st, &volume, scope.as_deref(), &id))
@@ -1876,6 +1885,7 @@ async fn patch(
         }
         st.folders.changed(&s.folder_key);
         drop(file);
+        locked.release();
         fsx::sync(parent.as_fd())?;
         Ok(s.id)
     })

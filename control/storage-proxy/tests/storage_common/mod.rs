@@ -171,10 +171,15 @@ impl Proxy {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         write_config(dir.path(), extra_storage, extra_tables);
+        Self::serve_in(dir, env, prefix)
+    }
+
+    /// Starts the proxy on the configuration in `dir` (its log a new file there),
+    /// both APIs on ports the kernel picks, learned from the serving line.
+    fn serve_in(dir: tempfile::TempDir, env: Vec<(String, String)>, prefix: Vec<String>) -> Self {
         let log_path = dir.path().join("storage.log");
         let log = std::fs::File::create(&log_path).expect("log");
         let mut child = spawn(dir.path(), &env, log, &prefix);
-        // Both APIs on ports the kernel picks, learned from the serving line.
         let addrs = serving::addrs(
             &mut child,
             &log_path,
@@ -201,24 +206,7 @@ impl Proxy {
             dir.path().join("storage.toml"),
         )
         .expect("config");
-        let log_path = dir.path().join("storage.log");
-        let log = std::fs::File::create(&log_path).expect("log");
-        let mut child = spawn(dir.path(), &self.env, log, &self.prefix);
-        let addrs = serving::addrs(
-            &mut child,
-            &log_path,
-            0,
-            "storage-proxy serving",
-            &["manager", "client"],
-        );
-        Self {
-            child,
-            manager: addrs[0],
-            client: addrs[1],
-            dir,
-            env: self.env.clone(),
-            prefix: self.prefix.clone(),
-        }
+        Self::serve_in(dir, self.env.clone(), self.prefix.clone())
     }
 
     /// Stops the proxy and starts it again on the same configuration and volume (new
