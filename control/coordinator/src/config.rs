@@ -538,6 +538,9 @@ impl DatabaseSection {
                 &format!("is not writable ({})", std::io::Error::from(e)),
             )
         })?;
+        if std::fs::symlink_metadata(file).is_ok_and(|m| m.is_dir()) {
+            return Err(unusable("the file", file, &"is a directory"));
+        }
         match rustix::fs::access(file, Access::READ_OK | Access::WRITE_OK) {
             Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
             Err(e) => Err(unusable(

@@ -698,14 +698,28 @@ pub(super) struct TokenBody {
 /// outside tester's find).
 fn epoch_of(v: &Value) -> Option<i64> {
     let secs = match v {
-        Value::Number(n) => n.as_f64(),
+        Value::Number(n) => n.as_f64().map(epoch_seconds),
         Value::String(s) => {
             let s = s.trim();
-            s.parse::<f64>().ok().or_else(|| iso8601_epoch(s))
+            s.parse::<f64>()
+                .ok()
+                .map(epoch_seconds)
+                .or_else(|| iso8601_epoch(s))
         }
         _ => None,
     }?;
     (secs.is_finite() && secs.abs() < 1e15).then_some(secs as i64)
+}
+
+/// An epoch number as pydantic reads one: past 2×10^10 (the year 2603 in
+/// seconds) it is milliseconds. Before, `Date.now()`'s milliseconds were taken as
+/// seconds, a token valid for 60,000 years (an outside verifier's find).
+fn epoch_seconds(n: f64) -> f64 {
+    if n.abs() > 2e10 {
+        n / 1000.0
+    } else {
+        n
+    }
 }
 
 /// Unix seconds of an ISO-8601 time in the forms [`epoch_of`] names.
@@ -1144,6 +1158,10 @@ mod tests {
             assert_eq!(epoch_of(&v), Some(t), "{v}");
         }
         assert_eq!(epoch_of(&json!("2026-08-20T01:02Z")), Some(t - 3));
+        // Milliseconds, as pydantic reads numbers past 2×10^10.
+        assert_eq!(epoch_of(&json!(t * 1000)), Some(t));
+        assert_eq!(epoch_of(&json!((t * 1000).to_string())), Some(t));
+        assert_eq!(epoch_of(&json!(20_000_000_000i64)), Some(20_000_000_000));
         assert_eq!(epoch_of(&json!("2026-08-20")), Some(t - 3723));
         for bad in [
             json!(null),

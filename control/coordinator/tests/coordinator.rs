@@ -4825,8 +4825,10 @@ fn the_binary_refuses_a_bad_config_naming_the_file_the_key_and_the_fix() {
     std::fs::create_dir(&locked).expect("dir");
     std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o555))
         .expect("chmod");
+    std::fs::create_dir(dir.path().join("a-dir.sqlite3")).expect("dir");
     for (path, said) in [
         ("plain/c.sqlite3", "is not a directory"),
+        ("a-dir.sqlite3", "is a directory"),
         ("locked/c.sqlite3", "is not writable"),
     ] {
         let config = dir.path().join("c.toml");

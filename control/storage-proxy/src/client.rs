@@ -1104,7 +1104,16 @@ impl UploadLock {
             match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
                 Ok(()) => {}
                 Err(Errno::WOULDBLOCK) => return Ok(None),
-                Err(Errno::NOLCK | Errno::OPNOTSUPP | Errno::NOSYS) => return Ok(Some(Self(None))),
+                Err(e @ (Errno::NOLCK | Errno::OPNOTSUPP | Errno::NOSYS)) => {
+                    // Said once: an operator must know their volume keeps uploads
+                    // apart within a process only.
+                    static SAID: std::sync::atomic::AtomicBool =
+                        std::sync::atomic::AtomicBool::new(false);
+                    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(volume, error = %std::io::Error::from(e), "the volume takes no flock: uploads are kept apart within this process only, not from other processes sharing the volume");
+                    }
+                    return Ok(Some(Self(None)));
+                }
                 Err(e) => return Err(std::io::Error::from(e).into()),
             }
             let held = rustix::fs::fstat(&file).map_err(std::io::Error::from)?;
@@ -1814,6 +1823,13 @@ async fn patch(
     // first and the upload left staged at its full offset: HEAD said it was done, a
     // tus client resuming sent nothing more, and it was never put in place.
     if written != s.size {
+        // The lock let go before the answer: the client's next PATCH may go to
+        // another process at once.
+        let _ = blocking(move || {
+            locked.release();
+            Ok(())
+        })
+        .await;
         return match cut {
             Some(cut) => Err(cut),
             None => Ok(patched(written)),
