@@ -284,6 +284,21 @@ mod tests {
         redis::cmd("PING").query_async(&mut conn).await
     }
 
+    /// Waits until a `PING` on `conn` is carried out again, `within` at most (else
+    /// the test fails with the last error).
+    async fn carried_out_again(conn: &RedisConn, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        let mut last = ping(conn.clone()).await;
+        while last.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never carried out again: {last:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            last = ping(conn.clone()).await;
+        }
+    }
+
     /// A fake Redis on `listener`: `+OK` to everything (`+PONG` to `PING`), but
     /// `-ERR` to `SELECT` while `refusing` is set; each connection is closed after
     /// `closing` is set (then cleared).
@@ -362,16 +377,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             refusing.store(false, Ordering::SeqCst);
-            let deadline = std::time::Instant::now() + FAILING_FOR * 4;
-            let mut last = ping(conn.clone()).await;
-            while last.is_err() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "never carried out again: {last:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                last = ping(conn.clone()).await;
-            }
+            carried_out_again(&conn, FAILING_FOR * 4).await;
         });
     }
 
@@ -400,16 +406,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             relay.cut(false);
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            let mut last = ping(conn.clone()).await;
-            while last.is_err() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "never carried out again: {last:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                last = ping(conn.clone()).await;
-            }
+            carried_out_again(&conn, Duration::from_secs(20)).await;
             let _: () = redis::cmd("SET")
                 .arg("after")
                 .arg("1")
